@@ -1,0 +1,131 @@
+"""Grouped-query attention with RoPE, causal/padding/segment masks and a KV cache.
+
+Masks are built from `segment_ids` (0 = padding; equal non-zero ids attend to each other),
+so packed sequences never attend across examples. The KV cache is an explicit pytree that
+goes in and comes out of `Transformer.__call__`, which keeps `apply` pure and lets the
+sampler donate it.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxpost.models.config import ModelConfig
+from jaxpost.models.layers import Linear, RMSNorm, constrain, dtype_of
+
+#: Added to masked attention scores: finite, so a query with no visible key (padding)
+#: gives a uniform distribution instead of NaN.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer for `max_len` slots.
+
+    All rows write the same slot range at each call (prompts are left-padded by the
+    sampler), so the write position is one scalar and the update one dynamic slice.
+    """
+
+    k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    v: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    key_mask: jax.Array  # [batch, max_len] bool: slot holds a real (non-padding) token
+    index: jax.Array  # int32 scalar: the next slot to write
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> "KVCache":
+        """An empty cache; `dtype` defaults to the model's compute dtype."""
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        dt = dtype_of(dtype or cfg.dtype)
+        return cls(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt),
+                   key_mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    @staticmethod
+    def logical_axes() -> "KVCache":
+        """Logical axis names of each field, for `jaxpost.sharding`."""
+        kv = ("layers", "cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim")
+        return KVCache(k=kv, v=kv, key_mask=("cache_batch", "cache_length"), index=())
+
+
+def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin tables [B, T, head_dim] for integer `positions` [B, T] (float32)."""
+    inv_freq = jnp.asarray(cfg.rope_inv_freq())
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates x [B, T, heads, head_dim] by half-split RoPE (HF `rotate_half` layout)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def make_attention_mask(segment_ids: jax.Array) -> jax.Array:
+    """[B, T, T] bool: causal, same segment, key not padding (segment id 0)."""
+    t = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return causal[None] & same & (segment_ids[:, None, :] != 0)
+
+
+def make_cache_mask(key_mask: jax.Array, index: jax.Array, num_queries: int) -> jax.Array:
+    """[B, T, S] bool for queries written at slots index..index+T-1 of a cache."""
+    q_slot = index + jnp.arange(num_queries)
+    k_slot = jnp.arange(key_mask.shape[1])
+    return (k_slot[None, :] <= q_slot[:, None])[None] & key_mask[:, None, :]
+
+
+class Attention(nn.Module):
+    """GQA self-attention; with `layer_cache`, attends over the cache after writing to it."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, layer_cache=None, index=None):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        q = Linear(h * hd, ("embed", "heads"), cfg, use_bias=bias, name="q_proj")(x)
+        k = Linear(kv * hd, ("embed", "kv_heads"), cfg, use_bias=bias, name="k_proj")(x)
+        v = Linear(kv * hd, ("embed", "kv_heads"), cfg, use_bias=bias, name="v_proj")(x)
+        q = q.reshape(b, t, h, hd)
+        k = k.reshape(b, t, kv, hd)
+        v = v.reshape(b, t, kv, hd)
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.rms_norm_eps, cfg, axis_name="head_dim", name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, cfg, axis_name="head_dim", name="k_norm")(k)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
+
+        new_cache = None
+        if layer_cache is not None:
+            ck, cv = layer_cache
+            start = (0, index, 0, 0)
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+            new_cache = (ck, cv)
+            k, v = ck, cv
+
+        dtype = dtype_of(cfg.dtype)
+        groups = h // kv
+        qg = q.reshape(b, t, kv, groups, hd)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(dtype),
+                            preferred_element_type=jnp.float32) * (hd ** -0.5)
+        scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dtype))
+        out = out.reshape(b, t, h * hd)
+        out = Linear(cfg.hidden_size, ("heads", "embed"), cfg, name="o_proj")(out)
+        return out, new_cache
