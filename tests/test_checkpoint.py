@@ -1,0 +1,226 @@
+"""Tests for jaxpost.checkpoint: orbax round trips, retention, atomicity, preemption."""
+
+import os
+import signal
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxpost.checkpoint import Checkpointer, PreemptionGuard, abstract_target
+from jaxpost.sharding import MeshConfig, make_mesh
+
+
+def _state(mesh, seed=0):
+    """A nested training-state-like pytree with one array sharded over all 8 devices."""
+    rng = np.random.default_rng(seed)
+    w = jax.device_put(jnp.asarray(rng.normal(size=(16, 8)), jnp.float32),
+                       NamedSharding(mesh, P("fsdp", None)))
+    params = {"layer": {"w": w, "b": jnp.asarray(rng.normal(size=(8,)), jnp.bfloat16)},
+              "emb": jnp.asarray(rng.integers(0, 100, size=(4, 3)), jnp.int32)}
+    return {
+        "params": params,
+        "opt_state": optax.adamw(1e-3).init(params),
+        "step": jnp.asarray(seed + 1, jnp.int32),
+        "rng": jax.random.key_data(jax.random.key(seed)),
+    }
+
+
+def _assert_bitwise_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x).reshape(-1).view(np.uint8),
+                                      np.asarray(y).reshape(-1).view(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    assert len(jax.devices()) == 8
+    return make_mesh(MeshConfig())
+
+
+def test_restore_onto_target_is_bitwise_equal_and_keeps_sharding(tmp_path, mesh):
+    state = _state(mesh)
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        assert ckpt.latest_step() is None
+        assert ckpt.save(5, state, data_state={"epoch": 1, "pos": [3, 4]})
+        ckpt.wait()
+    with Checkpointer(tmp_path / "ckpt") as ckpt:  # fresh manager, as after a restart
+        assert ckpt.latest_step() == 5
+        target = abstract_target(state)
+        restored, data_state = ckpt.restore(target=target)
+    _assert_bitwise_equal(state, restored)
+    w = restored["params"]["layer"]["w"]
+    assert w.sharding.is_equivalent_to(state["params"]["layer"]["w"].sharding, w.ndim)
+    assert len(w.sharding.device_set) == 8
+    assert type(restored["opt_state"]) is type(state["opt_state"])  # optax named tuples
+    assert data_state == {"epoch": 1, "pos": [3, 4]}
+
+
+def test_restore_onto_different_sharding(tmp_path, mesh):
+    state = _state(mesh)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, state)
+        replicated = NamedSharding(mesh, P())
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
+        restored, data_state = ckpt.restore(1, target=target)
+    assert data_state is None
+    assert restored["params"]["layer"]["w"].sharding == replicated
+    _assert_bitwise_equal(state, restored)
+
+
+def test_typed_prng_key_round_trips(tmp_path):
+    key = jax.random.key(42)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, {"rng": key})
+        restored, _ = ckpt.restore(target={"rng": key})
+    assert jax.dtypes.issubdtype(restored["rng"].dtype, jax.dtypes.prng_key)
+    np.testing.assert_array_equal(jax.random.key_data(restored["rng"]), jax.random.key_data(key))
+
+
+def test_keep_last_n_and_restore_by_step(tmp_path, mesh):
+    with Checkpointer(tmp_path, keep=2) as ckpt:
+        for step in (10, 20, 30):
+            assert ckpt.save(step, _state(mesh, seed=step), data_state={"step": step})
+        ckpt.wait()
+        assert ckpt.all_steps() == [20, 30]
+        restored, data_state = ckpt.restore(20, target=abstract_target(_state(mesh)))
+        _assert_bitwise_equal(_state(mesh, seed=20), restored)
+        assert data_state == {"step": 20}
+        with pytest.raises(FileNotFoundError, match="available steps: \\[20, 30\\]"):
+            ckpt.restore(10)
+    assert sorted(os.listdir(tmp_path)) == ["20", "30"]
+
+
+def test_async_save_then_wait_commits(tmp_path, mesh):
+    state = _state(mesh)
+    ckpt = Checkpointer(tmp_path, async_save=True)
+    assert ckpt.save(3, state, metadata={"recipe": "sft_demo"})
+    ckpt.wait()
+    assert (tmp_path / "3").is_dir()
+    assert not [p for p in os.listdir(tmp_path) if "tmp" in p]
+    assert ckpt.metadata() == {"recipe": "sft_demo"}
+    ckpt.close()
+    assert Checkpointer(tmp_path).latest_step() == 3
+
+
+def test_existing_or_older_step_is_not_saved_again(tmp_path):
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.save(5, {"x": jnp.ones(2)})
+        assert not ckpt.save(5, {"x": jnp.zeros(2)})
+        assert not ckpt.save(4, {"x": jnp.zeros(2)})
+        assert ckpt.save(4, {"x": jnp.zeros(2)}, force=True)
+        restored, _ = ckpt.restore(5)
+    np.testing.assert_array_equal(restored["x"], np.ones(2))
+
+
+def test_partial_checkpoint_is_ignored(tmp_path):
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, {"x": jnp.arange(3)}, data_state={"pos": 1})
+    # What a job killed mid-write leaves behind: a tmp step dir with some of the items.
+    partial = tmp_path / "2.orbax-checkpoint-tmp-1712345678901234"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "garbage").write_bytes(b"\x00" * 10)
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.latest_step() == 1
+        assert ckpt.all_steps() == [1]
+        restored, data_state = ckpt.restore()
+    np.testing.assert_array_equal(restored["x"], np.arange(3))
+    assert data_state == {"pos": 1}
+
+
+def test_restore_without_checkpoint_raises(tmp_path):
+    with Checkpointer(tmp_path) as ckpt, pytest.raises(FileNotFoundError, match="no complete"):
+        ckpt.restore()
+
+
+def test_data_state_must_be_json(tmp_path):
+    with Checkpointer(tmp_path) as ckpt, pytest.raises(TypeError):
+        ckpt.save(1, {"x": jnp.ones(1)}, data_state={"bad": object()})
+
+
+def test_preemption_guard_sets_flag_on_sigterm_and_restores_handler():
+    def previous(signum, frame):
+        pass
+
+    old = signal.signal(signal.SIGTERM, previous)
+    try:
+        with PreemptionGuard() as guard:
+            assert not guard.requested and not guard.should_stop()
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert guard.requested
+            assert guard.should_stop()
+            assert guard.signal_received == signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is previous
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def test_second_sigint_interrupts():
+    old = signal.getsignal(signal.SIGINT)
+    with PreemptionGuard() as guard:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert guard.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is old
+
+
+def test_should_stop_is_agreed_across_processes(monkeypatch):
+    from jax.experimental import multihost_utils
+
+    gathered = []
+
+    def fake_allgather(x):
+        gathered.append(int(x))
+        return np.stack([np.asarray(x), np.asarray(1, np.int32)])  # the other host was signalled
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", fake_allgather)
+    guard = PreemptionGuard()
+    assert not guard.requested
+    assert guard.should_stop()
+    assert gathered == [0]
+    assert guard.requested
+
+
+def test_async_save_survives_deleting_the_arrays(tmp_path, mesh):
+    """The train step donates the state: a pending async save must not read those buffers."""
+    state = _state(mesh)
+    expected = jax.tree.map(np.asarray, state)
+    with Checkpointer(tmp_path, async_save=True) as ckpt:
+        ckpt.save(1, state)
+        for x in jax.tree.leaves(state):
+            x.delete()  # as buffer donation would
+        ckpt.wait()
+        restored, _ = ckpt.restore(target=abstract_target(_state(mesh)))
+    _assert_bitwise_equal(expected, jax.tree.map(np.asarray, restored))
+
+
+@flax.struct.dataclass
+class _TrainState:
+    step: jax.Array
+    params: dict
+    opt_state: tuple
+    rng: jax.Array
+
+
+def test_flax_struct_state_with_multi_transform_optimizer_round_trips(tmp_path, mesh):
+    state = _state(mesh)
+    labels = {"layer": {"w": "trainable", "b": "frozen"}, "emb": "frozen"}
+    optimizer = optax.multi_transform(
+        {"trainable": optax.adamw(1e-3), "frozen": optax.set_to_zero()}, labels)
+    train_state = _TrainState(step=state["step"], params=state["params"],
+                              opt_state=optimizer.init(state["params"]), rng=state["rng"])
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, train_state, data_state={"pos": 9})
+        restored, data_state = ckpt.restore(target=abstract_target(train_state))
+    assert isinstance(restored, _TrainState)
+    _assert_bitwise_equal(train_state, restored)
+    assert data_state == {"pos": 9}
