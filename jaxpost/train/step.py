@@ -1,0 +1,133 @@
+"""The objective-agnostic train step: `(state, batch) -> (state, metrics)`.
+
+An objective is a pure `loss_fn(params, batch, rng) -> (loss_sum, count, aux)` whose loss
+is a *sum* with its normaliser `count` (tokens, or sequences) and whose `aux` maps metric
+names to `(sum, weight)` pairs. Gradient accumulation sums both over micro-batches and
+divides once at the end, so the result is normalised by the true count across all
+micro-batches (Tunix's convention; the silent bug it avoids is averaging per-micro-batch
+means).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxpost import sharding as sh
+from jaxpost.train.state import TrainState
+
+LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, jax.Array, dict]]
+
+
+def split_microbatches(batch: dict, num: int) -> dict:
+    """[B, ...] -> [num, B/num, ...] taking rows i*num + j into micro-batch j.
+
+    Strided rows keep each device's contiguous block of the batch on that device.
+    """
+    def split(x):
+        b = x.shape[0]
+        if b % num:
+            raise ValueError(
+                f"batch size {b} is not divisible by grad_accum_steps={num}")
+        return jnp.swapaxes(x.reshape((b // num, num) + x.shape[1:]), 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def accumulate_gradients(loss_fn: LossFn, params, batch: dict, rng: jax.Array, num_micro: int):
+    """Sums of grads, loss, count and aux over `num_micro` micro-batches (lax.scan)."""
+    grad_fn = jax.value_and_grad(lambda p, mb, r: _sum_and_rest(loss_fn, p, mb, r), has_aux=True)
+    if num_micro == 1:
+        (loss_sum, (count, aux)), grads = grad_fn(params, batch, rng)
+        return grads, loss_sum, count, aux
+
+    micro = split_microbatches(batch, num_micro)
+    rngs = jax.random.split(rng, num_micro)
+    first = jax.tree.map(lambda x: x[0], micro)
+    _, (count0, aux0) = jax.eval_shape(lambda: _sum_and_rest(loss_fn, params, first, rngs[0]))
+    zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)  # noqa: E731
+    init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), zeros(count0), zeros(aux0))
+
+    def body(carry, xs):
+        g_acc, l_acc, c_acc, a_acc = carry
+        mb, r = xs
+        (l, (c, a)), g = grad_fn(params, mb, r)
+        add = lambda x, y: jax.tree.map(jnp.add, x, y)  # noqa: E731
+        return (add(g_acc, g), l_acc + l, c_acc + c, add(a_acc, a)), None
+
+    (grads, loss_sum, count, aux), _ = jax.lax.scan(body, init, (micro, rngs))
+    return grads, loss_sum, count, aux
+
+
+def _sum_and_rest(loss_fn: LossFn, params, batch, rng):
+    loss_sum, count, aux = loss_fn(params, batch, rng)
+    return loss_sum.astype(jnp.float32), (jnp.asarray(count, jnp.float32), aux)
+
+
+def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
+               optimizer: optax.GradientTransformation, grad_accum_steps: int = 1,
+               schedule: optax.Schedule | None = None):
+    """One optimizer step. A non-finite loss or gradient leaves params unchanged and sets
+    `metrics["nonfinite"]` so the loop can stop with the step named."""
+    rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+    grads, loss_sum, count, aux = accumulate_gradients(
+        loss_fn, state.params, batch, step_rng, grad_accum_steps)
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
+    loss = loss_sum / denom
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    new_state = TrainState(
+        step=state.step + finite.astype(jnp.int32),
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        rng=jax.random.key_data(rng))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "count": count,
+               "nonfinite": (~finite).astype(jnp.int32)}
+    if schedule is not None:
+        metrics["lr"] = schedule(state.step)
+    for name, (s, w) in aux.items():
+        metrics[name] = s / jnp.maximum(w, 1e-9)
+    return new_state, metrics
+
+
+def state_shardings(state_shapes: TrainState, param_shardings, mesh):
+    """Shardings of a TrainState: optimizer leaves that mirror a parameter (Adam moments:
+    same path suffix, same shape) take its sharding; counters and the rng replicate."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    by_path = {_path_key(p): s for p, s in jax.tree_util.tree_leaves_with_path(param_shardings)}
+    shapes = {_path_key(p): x.shape
+              for p, x in jax.tree_util.tree_leaves_with_path(state_shapes.params)}
+
+    def opt_leaf(path, leaf):
+        key = _path_key(path)
+        for pkey, s in by_path.items():
+            if key.endswith("/" + pkey) and leaf.shape == shapes[pkey]:
+                return s
+        return replicated
+
+    opt = jax.tree_util.tree_map_with_path(opt_leaf, state_shapes.opt_state)
+    return TrainState(step=replicated, params=param_shardings, opt_state=opt, rng=replicated)
+
+
+def _path_key(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, mesh,
+                    state_sharding, batch_sharding, grad_accum_steps: int = 1,
+                    schedule: optax.Schedule | None = None, rules=sh.DEFAULT_RULES):
+    """`train_step` jitted with explicit in/out shardings and the state donated."""
+    def step(state, batch):
+        with sh.logical_rules(mesh, rules):
+            return train_step(state, batch, loss_fn=loss_fn, optimizer=optimizer,
+                              grad_accum_steps=grad_accum_steps, schedule=schedule)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, replicated), donate_argnums=(0,))

@@ -1,0 +1,156 @@
+"""Properties of the Linen transformer that hold without a reference implementation."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpost.models import KVCache, ModelConfig, Transformer, init_params, tiny
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+
+
+def _tokens(b, t, seed=1, vocab=256):
+    return jax.random.randint(jax.random.key(seed), (b, t), 0, vocab, dtype=jnp.int32)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_param_tree_uses_hf_module_names_and_stacked_layers(family):
+    cfg = tiny(family)
+    params = init_params(cfg, jax.random.key(0))
+    paths = {"/".join(k.key for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)}
+    assert "embed_tokens/embedding" in paths and "norm/scale" in paths and "lm_head/kernel" in paths
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        assert f"layers/self_attn/{name}/kernel" in paths
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        assert f"layers/mlp/{name}/kernel" in paths
+    assert ("layers/self_attn/q_proj/bias" in paths) == (family == "qwen2")
+    assert ("layers/self_attn/q_norm/scale" in paths) == (family == "qwen3")
+    chex.assert_shape(params["layers"]["self_attn"]["q_proj"]["kernel"], (2, 64, 64))
+    chex.assert_shape(params["layers"]["self_attn"]["k_proj"]["kernel"], (2, 64, 32))
+    assert sum(x.size for x in jax.tree.leaves(params)) == cfg.num_params
+
+
+def test_tied_embeddings_have_no_lm_head():
+    params = init_params(tiny("qwen2", tie_embeddings=True), jax.random.key(0))
+    assert "lm_head" not in params
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scan_unrolled_and_remat_give_the_same_logits(family):
+    cfg = tiny(family)
+    params = init_params(cfg, jax.random.key(0))
+    tokens = _tokens(2, 9)
+    ref = Transformer(cfg).apply({"params": params}, tokens)
+    chex.assert_shape(ref, (2, 9, cfg.vocab_size))
+    assert ref.dtype == jnp.float32
+    for variant in (cfg.replace(scan_layers=False), cfg.replace(remat_policy="full"),
+                    cfg.replace(scan_layers=False, remat_policy="dots")):
+        out = Transformer(variant).apply({"params": params}, tokens)
+        np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunked_kv_cache_equals_full_forward(family):
+    cfg = tiny(family)
+    params = init_params(cfg, jax.random.key(0))
+    tokens = _tokens(2, 11)
+    model = Transformer(cfg)
+    full = model.apply({"params": params}, tokens)
+    cache = KVCache.init(cfg, 2, 16)
+    outs = []
+    for lo, hi in ((0, 5), (5, 6), (6, 11)):
+        logits, cache = model.apply({"params": params}, tokens[:, lo:hi], cache=cache)
+        outs.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5, rtol=1e-5)
+    assert int(cache.index) == 11 and bool(cache.key_mask[:, :11].all())
+
+
+def test_left_padded_rows_in_cache_match_unpadded_rows():
+    cfg = tiny("llama")
+    params = init_params(cfg, jax.random.key(0))
+    model = Transformer(cfg)
+    short = _tokens(1, 4, seed=3)
+    padded = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), short], axis=1)
+    seg = jnp.array([[0, 0, 0, 1, 1, 1, 1]])
+    out, _ = model.apply({"params": params}, padded, segment_ids=seg, cache=KVCache.init(cfg, 1, 8))
+    ref = model.apply({"params": params}, short)
+    np.testing.assert_allclose(out[:, 3:], ref, atol=1e-5, rtol=1e-5)
+    assert bool(jnp.isfinite(out).all())
+
+
+def test_packed_segments_equal_separate_forwards():
+    cfg = tiny("qwen3")
+    params = init_params(cfg, jax.random.key(0))
+    model = Transformer(cfg)
+    a, b = _tokens(1, 5, seed=4), _tokens(1, 3, seed=5)
+    packed = jnp.concatenate([a, b, jnp.zeros((1, 2), jnp.int32)], axis=1)
+    seg = jnp.array([[1] * 5 + [2] * 3 + [0] * 2])
+    pos = jnp.array([[0, 1, 2, 3, 4, 0, 1, 2, 0, 0]])
+    out = model.apply({"params": params}, packed, positions=pos, segment_ids=seg)
+    np.testing.assert_allclose(out[:, :5], model.apply({"params": params}, a), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(out[:, 5:8], model.apply({"params": params}, b), atol=1e-5, rtol=1e-5)
+    assert bool(jnp.isfinite(out).all())
+
+
+def test_bfloat16_compute_with_float32_master_weights_is_close():
+    cfg = tiny("llama")
+    params = init_params(cfg, jax.random.key(0))
+    tokens = _tokens(2, 8)
+    ref = Transformer(cfg).apply({"params": params}, tokens)
+    out = Transformer(cfg.replace(dtype="bfloat16")).apply({"params": params}, tokens)
+    assert out.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(out - ref))) < 0.05
+    bf16_params = init_params(cfg.replace(param_dtype="bfloat16"), jax.random.key(0))
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(bf16_params))
+
+
+def test_return_hidden_gives_final_normed_states():
+    cfg = tiny("llama")
+    params = init_params(cfg, jax.random.key(0))
+    tokens = _tokens(2, 6)
+    hidden = Transformer(cfg).apply({"params": params}, tokens, return_hidden=True)
+    chex.assert_shape(hidden, (2, 6, cfg.hidden_size))
+    logits = hidden @ params["lm_head"]["kernel"]
+    np.testing.assert_allclose(logits, Transformer(cfg).apply({"params": params}, tokens),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_apply_is_jittable_and_pure():
+    cfg = tiny("qwen2")
+    params = init_params(cfg, jax.random.key(0))
+    tokens = _tokens(2, 6)
+    f = jax.jit(lambda p, t: Transformer(cfg).apply({"params": p}, t))
+    np.testing.assert_array_equal(f(params, tokens), f(params, tokens))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("family", "gpt2", "family"),
+    ("num_kv_heads", 3, "num_kv_heads"),
+    ("dtype", "float64", "dtype"),
+    ("remat_policy", "everything", "remat_policy"),
+    ("hidden_size", 0, "hidden_size"),
+])
+def test_bad_config_fields_are_named(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**{"family": "llama", field: value})
+
+
+def test_llama3_rope_scaling_matches_hand_formula():
+    from jaxpost.models import RopeScaling
+    cfg = tiny("llama", head_dim=16, rope_theta=500000.0,
+               rope_scaling=RopeScaling(8.0, 1.0, 4.0, 64))
+    base = 1.0 / (500000.0 ** (np.arange(0, 16, 2) / 16))
+    out = cfg.rope_inv_freq()
+    for f0, f in zip(base, out):
+        wavelen = 2 * np.pi / f0
+        if wavelen < 64 / 4:
+            expected = f0
+        elif wavelen > 64 / 1:
+            expected = f0 / 8
+        else:
+            smooth = (64 / wavelen - 1) / (4 - 1)
+            expected = (1 - smooth) * f0 / 8 + smooth * f0
+        np.testing.assert_allclose(f, expected, rtol=1e-6)
+    assert isinstance(cfg, ModelConfig)
