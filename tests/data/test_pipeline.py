@@ -1,0 +1,226 @@
+"""Tests for jaxpost/data/pipeline.py and prompts.py: order, resume, sharding, counts."""
+
+import collections
+import json
+
+import numpy as np
+import pytest
+
+from jaxpost.data import (
+    InMemorySource,
+    check_batch,
+    make_prompt_iterator,
+    make_sft_iterator,
+    record_dataset,
+    unpack_batch,
+)
+from jaxpost.data.pipeline import default_shard
+from jaxpost.tokenizer import ByteTokenizer
+
+TOK = ByteTokenizer()
+T, B = 32, 4
+
+
+def _source(n=40):
+    # distinct completions so examples can be told apart; lengths vary for packing
+    return InMemorySource([{"prompt": f"q{i}:", "completion": "x" * (i % 9) + f"#{i}"}
+                           for i in range(n)], schema="sft")
+
+
+def _ids(batch):
+    """Record ids of the examples in a batch, in row/segment order."""
+    out = []
+    for ex in unpack_batch(batch):
+        text = TOK.decode(ex["tokens"], skip_special_tokens=True)
+        out.append(int(text.rsplit("#", 1)[1]))
+    return out
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _assert_same(batches_a, batches_b):
+    assert len(batches_a) == len(batches_b)
+    for a, b in zip(batches_a, batches_b):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def _it(src=None, **kw):
+    kw.setdefault("shard_index", 0)
+    kw.setdefault("shard_count", 1)
+    kw.setdefault("batch_size", B)
+    return make_sft_iterator(src or _source(), TOK, seq_len=T, **kw)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_batches_follow_the_convention(pack):
+    it = _it(pack=pack)
+    for batch in _take(it, 5):
+        check_batch(batch, T)
+        assert batch["tokens"].shape == (B, T)
+        assert batch["tokens"][batch["segment_ids"] == 0].tolist() == [TOK.pad_id] * int(
+            (batch["segment_ids"] == 0).sum())
+        if not pack:
+            assert batch["segment_ids"].max() == 1
+
+
+def test_shuffle_is_deterministic_by_seed():
+    a = [_ids(b) for b in _take(_it(seed=1), 6)]
+    b = [_ids(b) for b in _take(_it(seed=1), 6)]
+    c = [_ids(b) for b in _take(_it(seed=2), 6)]
+    assert a == b
+    assert a != c
+    unshuffled = sum((_ids(b) for b in _take(_it(shuffle=False, pack=False), 3)), [])
+    assert unshuffled == list(range(3 * B))
+
+
+def test_each_epoch_is_a_new_permutation():
+    ds = record_dataset(list(range(20)), seed=3, num_epochs=2, shard_index=0, shard_count=1)
+    order = list(ds)
+    assert sorted(order[:20]) == sorted(order[20:]) == list(range(20))
+    assert order[:20] != order[20:]
+
+
+@pytest.mark.parametrize("pack,num_threads", [(True, 0), (True, 2), (False, 1)])
+def test_resume_from_state_gives_exactly_the_following_batches(pack, num_threads):
+    # num_packing_bins > batch_size: a saved state can fall inside a packing window
+    kw = dict(pack=pack, num_threads=num_threads, seed=7,
+              num_packing_bins=3 if pack else None)
+    n = 12
+    it = _it(**kw)
+    reference = _take(it, n)
+    final_counts = it.stats.to_dict()
+    for k in [0, 1, 2, 5, 9]:
+        it = _it(**kw)
+        _take(it, k)
+        state = json.loads(json.dumps(it.get_state()))  # JSON round trip, as a checkpoint
+        resumed = _it(**kw)
+        resumed.set_state(state)
+        _assert_same(_take(resumed, n - k), reference[k:])
+        assert resumed.stats.to_dict() == final_counts  # counts resume too
+
+
+def test_state_from_other_options_is_refused():
+    it = _it(seed=1)
+    next(it)
+    with pytest.raises(ValueError, match="different data options"):
+        _it(seed=2).set_state(it.get_state())
+    with pytest.raises(ValueError, match="not an SFT iterator state"):
+        _it().set_state({"format": "x"})
+
+
+def test_processes_partition_every_epoch():
+    n, count = 37, 3
+    shards = [list(record_dataset(list(range(n)), seed=5, num_epochs=2, shard_index=i,
+                                  shard_count=count)) for i in range(count)]
+    for epoch in range(2):
+        seen = collections.Counter()
+        for s in shards:
+            # shard i reads positions i, i+count, ... of the shuffled 2-epoch stream
+            positions = range(len(s))
+            seen.update(x for p, x in zip(positions, s)
+                        if epoch * n <= p * count + shards.index(s) < (epoch + 1) * n)
+        assert seen == collections.Counter(range(n))
+
+
+def test_sharded_sft_iterators_see_disjoint_examples_covering_the_data():
+    src = _source(24)
+    per_shard = []
+    for i in range(2):
+        it = make_sft_iterator(src, TOK, seq_len=T, batch_size=1, pack=False, num_epochs=1,
+                               shard_index=i, shard_count=2)
+        per_shard.append([x for b in it for x in _ids(b)])
+    assert set(per_shard[0]).isdisjoint(per_shard[1])
+    assert sorted(per_shard[0] + per_shard[1]) == list(range(24))
+
+
+def test_default_shard_is_the_jax_process():
+    assert default_shard() == (0, 1)
+    assert _it(shard_index=None, shard_count=None).options.shard_count is None
+
+
+def test_example_outcomes_are_counted():
+    recs = [{"prompt": "p", "completion": "c" * 40},  # too long for T=32
+            {"prompt": "p" * 40, "completion": "c"},  # prompt fills the row
+            {"prompt": "p", "completion": "ok"}] * 4
+    src = InMemorySource(recs)
+    it = _it(src, truncation="drop", num_epochs=1, pack=False, batch_size=1)
+    batches = list(it)
+    assert len(batches) == 4
+    assert it.stats.to_dict() == {"kept": 4, "truncated": 0, "dropped_too_long": 8,
+                                  "dropped_no_targets": 0}
+    it = make_sft_iterator(src, TOK, seq_len=T, batch_size=1, truncation="truncate_right",
+                           num_epochs=1, pack=False, shard_index=0, shard_count=1)
+    assert len(list(it)) == 8
+    # one outcome per example: a truncated prompt that leaves no target counts as dropped
+    assert it.stats.to_dict() == {"kept": 4, "truncated": 4, "dropped_too_long": 0,
+                                  "dropped_no_targets": 4}
+
+
+def test_packed_and_unpacked_pipelines_see_the_same_examples():
+    src = _source(40)
+    packed = _it(src, pack=True, num_epochs=1, shuffle=False, batch_size=1)
+    padded = _it(src, pack=False, num_epochs=1, shuffle=False, batch_size=1)
+
+    def multiset(it):
+        return sorted((tuple(e["tokens"].tolist()), tuple(e["loss_mask"].tolist()))
+                      for b in it for e in unpack_batch(b))
+
+    a, b = multiset(packed), multiset(padded)
+    assert len(a) == 40 and a == b
+
+
+def test_unknown_option_is_a_type_error():
+    with pytest.raises(TypeError, match="unknown SFT data options"):
+        _it(packing=True)
+
+
+def test_prompt_iterator_renders_keeps_columns_and_resumes():
+    recs = [{"messages": [{"role": "user", "content": f"q{i}"},
+                          {"role": "assistant", "content": f"a{i}"}], "answer": f"a{i}"}
+            for i in range(10)]
+    it = make_prompt_iterator(recs, TOK, batch_size=3, seed=0, shard_index=0, shard_count=1)
+    first = next(it)
+    assert len(first) == 3
+    p = first[0]
+    assert p["prompt"].startswith("<bos><|user|>q") and p["prompt"].endswith("<|assistant|>")
+    assert TOK.decode(p["prompt_ids"]) == p["prompt"]
+    assert p["reference"] == p["answer"] and "messages" not in p
+    state = json.loads(json.dumps(it.get_state()))
+    following = [next(it) for _ in range(4)]
+    again = make_prompt_iterator(recs, TOK, batch_size=3, seed=0, shard_index=0, shard_count=1)
+    again.set_state(state)
+    assert [next(again) for _ in range(4)] == following
+    plain = make_prompt_iterator([{"prompt": "2+2=", "answer": "4"}], TOK, batch_size=1,
+                                 shard_index=0, shard_count=1)
+    assert next(plain)[0]["prompt_ids"] == [TOK.bos_id] + list(b"2+2=")
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_batches_and_resume():
+    kw = dict(seed=3, num_threads=0)
+    reference = _take(_it(**kw), 8)
+    it = _it(worker_count=2, **kw)
+    try:
+        got = _take(it, 4)
+        state = json.loads(json.dumps(it.get_state()))
+        got += _take(it, 4)
+    finally:
+        it.close()
+    _assert_same(got, reference)
+    resumed = _it(worker_count=2, **kw)
+    try:
+        resumed.set_state(state)
+        _assert_same(_take(resumed, 4), reference[4:])
+    finally:
+        resumed.close()
+
+
+def test_bad_options_say_what_is_allowed():
+    with pytest.raises(ValueError, match="truncation='middle'; expected one of"):
+        _it(truncation="middle")
+    with pytest.raises(ValueError, match=r"max_len=40 must be in \[2, seq_len=32\]"):
+        _it(max_len=40)
