@@ -7,10 +7,19 @@ from position t-1 of the same segment.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
+from jaxpost import data
+from jaxpost.eval.generation import generation_accuracy
 from jaxpost.models import ModelConfig, Transformer
+from jaxpost.optim import OptimizerConfig, make_optimizer, make_schedule
+from jaxpost.sampling import Sampler, SamplingConfig
+from jaxpost.tokenizer import load_tokenizer
+from jaxpost.train.common import MeshSection, ModelSection, make_mesh, model_config, model_init
+from jaxpost.train.loop import LoopConfig, run
 
 
 def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -37,3 +46,107 @@ def make_sft_loss(cfg: ModelConfig):
         return -jnp.sum(logp * mask), count, aux
 
     return loss_fn
+
+
+# ----------------------------------------------------------------------------- recipe
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    """Where SFT examples come from and how they become batches."""
+
+    source: str = "synthetic:addition"  # "a.jsonl,b*.jsonl", "*.array_record", "tfds:NAME", "synthetic:addition"
+    split: str = "train"  # TFDS / synthetic split
+    data_dir: str = ""  # TFDS data folder ("" = TFDS default)
+    num_records: int = 20000  # synthetic sources: how many records
+    tokenizer: str = "byte"  # "byte", an HF tokenizer folder, or a sentencepiece .model
+    seq_len: int = 64  # tokens per row
+    batch_size: int = 32  # rows per optimizer step, summed over all processes
+    pack: bool = True  # first-fit packing with segment ids (False: one example per row)
+    truncation: str = "truncate_right"  # "truncate_right", "truncate_left" or "drop"
+    skip_malformed: bool = False  # JSONL: skip and count malformed lines instead of failing
+    shuffle: bool = True  # reshuffle every epoch (deterministic by seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+    """Generation-based evaluation on held-out prompts (recipes with a checker)."""
+
+    task: str = ""  # "addition" (synthetic exact match) or "" for none
+    num_prompts: int = 200  # held-out prompts per evaluation
+    batch_size: int = 50  # prompts per sampler call
+    max_new_tokens: int = 8  # completion budget
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig(LoopConfig):
+    """Supervised fine-tuning: next-token loss on completion / assistant tokens."""
+
+    trainer: str = "sft"  # which trainer runs this config
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    mesh: MeshSection = MeshSection()
+    eval: EvalSection = EvalSection()
+
+
+class SFTTask:
+    """Batches from the grain pipeline, loss from `make_sft_loss`, eval by generation."""
+
+    def __init__(self, cfg: SFTConfig, model_cfg: ModelConfig, tokenizer, mesh):
+        d = cfg.data
+        procs = jax.process_count()
+        if d.batch_size % procs:
+            raise ValueError(f"data.batch_size={d.batch_size} is not divisible by the "
+                             f"{procs} processes")
+        source = data.open_source(d.source, split=d.split, data_dir=d.data_dir or None,
+                                  skip_malformed=d.skip_malformed, num_records=d.num_records,
+                                  seed=cfg.seed)
+        self.iterator = data.make_sft_iterator(
+            source, tokenizer, seq_len=d.seq_len, batch_size=d.batch_size // procs,
+            pack=d.pack, seed=cfg.seed, shuffle=d.shuffle, truncation=d.truncation)
+        self.loss_fn = make_sft_loss(model_cfg)
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self._eval_prompts = None
+        self._sampler = Sampler(model_cfg, mesh) if cfg.eval.task else None
+
+    def next_batch(self, state):
+        del state
+        batch = next(self.iterator)
+        stats = self.iterator.stats
+        return batch, {"data_truncated": float(stats.truncated),
+                       "data_dropped": float(stats.dropped_too_long + stats.dropped_no_targets)}
+
+    def data_state(self) -> dict:
+        return self.iterator.get_state()
+
+    def set_data_state(self, state: dict) -> None:
+        self.iterator.set_state(state)
+
+    def evaluate(self, params, step: int) -> dict[str, float]:
+        e = self.cfg.eval
+        if e.task != "addition":
+            return {}
+        if self._eval_prompts is None:
+            self._eval_prompts = data.synthetic.addition_prompts(
+                self.tokenizer, e.num_prompts, seed=self.cfg.seed, split="heldout")
+        sampling = SamplingConfig(max_new_tokens=e.max_new_tokens, temperature=0.0,
+                                  eos_ids=(self.tokenizer.eos_id,), pad_id=self.tokenizer.pad_id)
+        return generation_accuracy(self._sampler, params, self.tokenizer, self._eval_prompts,
+                                   data.synthetic.exact_match, sampling,
+                                   batch_size=e.batch_size, rng=jax.random.key(step))
+
+
+def train(cfg: SFTConfig):
+    """Runs (or resumes) an SFT recipe; returns the loop's result."""
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    mesh = make_mesh(cfg.mesh)
+    model_cfg = model_config(cfg.model, tokenizer.vocab_size)
+    if model_cfg.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"model vocab_size={model_cfg.vocab_size} is smaller than the "
+                         f"tokenizer's ({tokenizer.vocab_size}, {cfg.data.tokenizer!r})")
+    task = SFTTask(cfg, model_cfg, tokenizer, mesh)
+    init, abstract, shardings = model_init(cfg.model, model_cfg, mesh, cfg.seed)
+    total = cfg.steps
+    return run(cfg, task, init_params=init, abstract_params=abstract, param_shardings=shardings,
+               optimizer=make_optimizer(cfg.optimizer, total), mesh=mesh,
+               schedule=make_schedule(cfg.optimizer, total),
+               metadata={"config": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg)})

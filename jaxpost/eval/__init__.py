@@ -1,0 +1,1 @@
+"""Evaluations: generation-based accuracy (more to come: likelihood, alignment drift)."""

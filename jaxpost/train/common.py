@@ -1,0 +1,114 @@
+"""Config sections every recipe shares (model, mesh) and how they become objects."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+
+from jaxpost import sharding as sh
+from jaxpost.models import ModelConfig, from_hf, init_params, param_shapes, preset
+from jaxpost.models.config import PRESETS
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """Which model to train: an HF folder, a preset, or the shape fields below."""
+
+    hf_path: str = ""  # local Hugging Face folder (config.json + safetensors); wins over preset
+    init_from: str = ""  # a jaxpost workdir: start from the params of its latest checkpoint
+    preset: str = ""  # a name in jaxpost.models.PRESETS ("" = build from the fields below)
+    family: str = "llama"  # "llama", "qwen2" or "qwen3" (when neither hf_path nor preset)
+    vocab_size: int = 0  # 0 = the tokenizer's vocabulary size
+    hidden_size: int = 128  # model width
+    intermediate_size: int = 384  # SwiGLU inner width
+    num_layers: int = 4  # decoder layers
+    num_heads: int = 4  # query heads
+    num_kv_heads: int = 2  # key/value heads (GQA)
+    head_dim: int = 32  # per-head width
+    tie_embeddings: bool = False  # share embed_tokens and lm_head
+    rope_theta: float = 10000.0  # RoPE base
+    max_position_embeddings: int = 2048  # longest position the model is meant for
+    dtype: str = "float32"  # compute dtype ("bfloat16" for mixed precision)
+    param_dtype: str = "float32"  # master-weight dtype
+    scan_layers: bool = True  # lax.scan over layers (False: unrolled)
+    remat_policy: str = "none"  # "none", "full", "dots", "dots_with_no_batch_dims"
+
+    def __post_init__(self):
+        if self.preset and self.preset not in PRESETS:
+            raise ValueError(f"model.preset={self.preset!r}; known presets: {sorted(PRESETS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    """Device mesh sizes (-1: all remaining devices)."""
+
+    data: int = 1  # data-parallel axis (params replicated)
+    fsdp: int = -1  # fully sharded data-parallel axis
+    tensor: int = 1  # tensor-parallel axis
+
+
+def make_mesh(section: MeshSection) -> jax.sharding.Mesh:
+    return sh.make_mesh(sh.MeshConfig(section.data, section.fsdp, section.tensor))
+
+
+_NUMERICS = ("dtype", "param_dtype", "scan_layers", "remat_policy")
+
+
+def model_config(section: ModelSection, vocab_size: int) -> ModelConfig:
+    """The ModelConfig a section describes (HF folders: read from config.json)."""
+    numerics = {k: getattr(section, k) for k in _NUMERICS}
+    if section.hf_path:
+        import json
+        with open(os.path.join(section.hf_path, "config.json")) as f:
+            return ModelConfig.from_hf_config(json.load(f), **numerics)
+    if section.preset:
+        return preset(section.preset, **numerics)
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    shape = {k: v for k, v in dataclasses.asdict(section).items() if k in fields}
+    shape["vocab_size"] = section.vocab_size or vocab_size
+    return ModelConfig(**shape)
+
+
+def model_init(section: ModelSection, cfg: ModelConfig, mesh, seed: int,
+               rules=sh.DEFAULT_RULES) -> tuple[Callable[[], Any], Any, Any]:
+    """(init_params_fn, abstract_params, param_shardings) for the loop.
+
+    The init function loads HF weights or another run's checkpoint straight onto the
+    shardings, or initialises randomly inside a jit with sharded outputs.
+    """
+    shardings = sh.param_shardings(cfg, mesh, rules)
+    abstract = param_shapes(cfg)
+
+    def init():
+        if section.hf_path:
+            _, params = from_hf(section.hf_path, cfg.param_dtype, mesh=mesh, rules=rules,
+                                **{k: getattr(cfg, k) for k in ("dtype", "scan_layers",
+                                                                 "remat_policy")})
+            return params
+        if section.init_from:
+            return restore_params(section.init_from, abstract, shardings)
+        return jax.jit(lambda: init_params(cfg, jax.random.key(seed)), out_shardings=shardings)()
+
+    return init, abstract, shardings
+
+
+def restore_params(workdir: str, abstract_params, shardings, step: int | None = None):
+    """The params of a jaxpost run's checkpoint (latest, or `step`), onto `shardings`."""
+    from jaxpost.checkpoint import Checkpointer
+
+    directory = os.path.join(workdir, "checkpoints")
+    with Checkpointer(directory, async_save=False) as ckpt:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {directory} to take params from")
+        state, _ = ckpt.restore(step)
+    params = state["params"]
+    expected = jax.tree.structure(abstract_params)
+    if jax.tree.structure(params) != expected:
+        raise ValueError(f"the params in {directory} (step {step}) do not match the model: "
+                         f"{jax.tree.structure(params)} vs {expected}")
+    return jax.tree.map(lambda x, a, s: jax.device_put(x.astype(a.dtype), s),
+                        params, abstract_params, shardings)

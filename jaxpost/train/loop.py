@@ -1,0 +1,172 @@
+"""The shared training loop: resume, step, log, evaluate, checkpoint, stop cleanly.
+
+The loop knows an objective only through a `Task`: a loss function for `train_step`, a
+host-side source of batches (which may use the current params, as GRPO rollouts do),
+its checkpointable state, and an optional evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Callable, Protocol
+
+import jax
+import numpy as np
+import optax
+
+from jaxpost import sharding as sh
+from jaxpost.checkpoint import Checkpointer, PreemptionGuard
+from jaxpost.metrics import MetricsWriter
+from jaxpost.train.state import TrainState
+from jaxpost.train.step import LossFn, make_train_step, state_shardings
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient became NaN/inf; the update was not applied or saved."""
+
+
+class Task(Protocol):
+    """What an objective plugs into the loop."""
+
+    loss_fn: LossFn
+
+    def next_batch(self, state: TrainState) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """This process's rows of the next batch (numpy) and host-side metrics."""
+
+    def data_state(self) -> dict:
+        """JSON-serialisable position of the data source (checkpointed)."""
+
+    def set_data_state(self, state: dict) -> None:
+        """Restores a position returned by `data_state`."""
+
+    def evaluate(self, params, step: int) -> dict[str, float]:
+        """Evaluation metrics (may be empty)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """The keys every recipe has (see the public contract in ARCHITECTURE.md)."""
+
+    workdir: str = ""  # checkpoints, TensorBoard events and metrics.jsonl go here (required)
+    seed: int = 0  # seeds params init, data order and the step rng
+    steps: int = 100  # total optimizer steps
+    log_every: int = 10  # write metrics every this many steps (and at the last)
+    checkpoint_every: int = 100  # save every this many steps (and at the last); 0: last only
+    eval_every: int = 0  # evaluate every this many steps (and at the last); 0: never
+    keep_checkpoints: int = 3  # how many recent checkpoints to keep
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (batch rows must divide)
+    async_checkpoints: bool = True  # write checkpoints in the background
+
+
+@dataclasses.dataclass
+class LoopResult:
+    state: TrainState
+    last_metrics: dict[str, float]
+    eval_metrics: dict[str, float]
+    preempted: bool
+
+
+def _is_due(step: int, every: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)
+
+
+def run(cfg: LoopConfig, task: Task, *, init_params: Callable[[], Any], abstract_params,
+        param_shardings,
+        optimizer: optax.GradientTransformation, mesh, schedule: optax.Schedule | None = None,
+        rules=sh.DEFAULT_RULES, metadata: dict | None = None) -> LoopResult:
+    """Trains to `cfg.steps`, resuming from the latest checkpoint in `cfg.workdir`.
+
+    Args:
+      cfg: loop settings.
+      task: the objective (loss, batches, eval).
+      init_params: returns the starting params when there is no checkpoint (called at
+        most once; placed onto `param_shardings` if they are not already).
+      abstract_params: pytree of `jax.ShapeDtypeStruct` of the params.
+      param_shardings: pytree of NamedSharding matching the params.
+      optimizer: the optax transformation.
+      mesh: the device mesh.
+      schedule: the learning-rate schedule, logged as `lr`.
+      rules: logical-axis rules.
+      metadata: JSON-serialisable run description stored with each checkpoint.
+    """
+    if not cfg.workdir:
+        raise ValueError("config.workdir is empty; pass --config.workdir=DIR")
+    os.makedirs(cfg.workdir, exist_ok=True)
+    ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"), keep=cfg.keep_checkpoints,
+                        async_save=cfg.async_checkpoints)
+    abstract = jax.eval_shape(lambda p: TrainState.create(p, optimizer, cfg.seed), abstract_params)
+    s_shardings = state_shardings(abstract, param_shardings, mesh)
+
+    latest = ckpt.latest_step()
+    if latest is not None:
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract, s_shardings)
+        state, data_state = ckpt.restore(latest, target=target)
+        if data_state is not None:
+            task.set_data_state(data_state)
+        log.info("resumed from %s at step %d", ckpt.directory, latest)
+    else:
+        params = jax.device_put(init_params(), param_shardings)
+        state = jax.jit(lambda p: TrainState.create(p, optimizer, cfg.seed),
+                        out_shardings=s_shardings)(params)
+    step = int(jax.device_get(state.step))
+
+    train_fn = None
+    writer = MetricsWriter(cfg.workdir, total_steps=cfg.steps)
+    last: dict[str, float] = {}
+    evals: dict[str, float] = {}
+    preempted = False
+    try:
+        with PreemptionGuard() as guard:
+            while step < cfg.steps:
+                t0 = time.perf_counter()
+                host_batch, host_metrics = task.next_batch(state)
+                batch = sh.shard_batch(host_batch, mesh, rules)
+                if train_fn is None:
+                    train_fn = make_train_step(
+                        task.loss_fn, optimizer, mesh=mesh, state_sharding=s_shardings,
+                        batch_sharding=jax.tree.map(lambda x: x.sharding, batch),
+                        grad_accum_steps=cfg.grad_accum_steps, schedule=schedule, rules=rules)
+                state, metrics = train_fn(state, batch)
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if metrics.pop("nonfinite"):
+                    raise NonFiniteLossError(
+                        f"step {step + 1}: loss={metrics['loss']} grad_norm={metrics['grad_norm']} "
+                        "is not finite; the update was not applied and no checkpoint of it "
+                        f"was written (latest checkpoint: {ckpt.latest_step()})")
+                step += 1
+                elapsed = time.perf_counter() - t0
+                tokens = int(np.sum(host_batch["segment_ids"] != 0)) * jax.process_count() \
+                    if "segment_ids" in host_batch else 0
+                metrics.update(host_metrics)
+                metrics["step_time_s"] = elapsed
+                if tokens:
+                    metrics["tokens_per_s"] = tokens / elapsed
+                last = metrics
+                evaluated = cfg.eval_every > 0 and _is_due(step, cfg.eval_every, cfg.steps)
+                if evaluated:
+                    evals = {f"eval_{k}": v for k, v in task.evaluate(state.params, step).items()}
+                    metrics.update(evals)
+                if evaluated or _is_due(step, cfg.log_every, cfg.steps):
+                    writer.write(step, metrics)
+                if _is_due(step, cfg.checkpoint_every, cfg.steps):
+                    ckpt.save(step, state, data_state=task.data_state(), metadata=metadata)
+                if guard.should_stop():
+                    log.warning("preemption signal received: saving step %d and exiting", step)
+                    ckpt.save(step, state, data_state=task.data_state(), metadata=metadata,
+                              force=True)
+                    preempted = True
+                    break
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+    return LoopResult(state=state, last_metrics=last, eval_metrics=evals, preempted=preempted)
+
+
+__all__ = ["LoopConfig", "LoopResult", "NonFiniteLossError", "Task", "run"]
