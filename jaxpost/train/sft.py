@@ -140,6 +140,9 @@ def train(cfg: SFTConfig):
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     mesh = make_mesh(cfg.mesh)
     model_cfg = model_config(cfg.model, tokenizer.vocab_size)
+    if not model_cfg.eos_token_ids and tokenizer.eos_id is not None:
+        model_cfg = model_cfg.replace(eos_token_ids=(tokenizer.eos_id,),
+                                      bos_token_id=tokenizer.bos_id)
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"model vocab_size={model_cfg.vocab_size} is smaller than the "
                          f"tokenizer's ({tokenizer.vocab_size}, {cfg.data.tokenizer!r})")
