@@ -1,0 +1,36 @@
+"""Reinforcement learning from rewards: GRPO maths (`grpo`) and reward functions (`rewards`).
+
+`jaxpost.rl.grpo` is pure `jax.numpy` (advantages, the clipped per-token loss, loss
+aggregation as `(sum, count)` pairs); `jaxpost.rl.rewards` is host-side Python (reward
+functions in the TRL convention, config specs, weighted combination).
+"""
+
+from jaxpost.rl.grpo import (
+    LOSS_TYPES,
+    aggregate,
+    group_advantages,
+    masked_mean_pair,
+    normalize_credit,
+    per_token_loss,
+    policy_loss,
+    register_loss_type,
+    token_advantages,
+    token_entropy,
+)
+from jaxpost.rl.rewards import (
+    RewardFunctionError,
+    RewardSet,
+    RewardSpecError,
+    exact_answer,
+    format_reward,
+    resolve_reward,
+    reward_metrics,
+    soft_overlong_penalty,
+)
+
+__all__ = [
+    "LOSS_TYPES", "aggregate", "group_advantages", "masked_mean_pair", "normalize_credit",
+    "per_token_loss", "policy_loss", "register_loss_type", "token_advantages",
+    "token_entropy", "RewardFunctionError", "RewardSet", "RewardSpecError", "exact_answer",
+    "format_reward", "resolve_reward", "reward_metrics", "soft_overlong_penalty",
+]
