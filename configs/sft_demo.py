@@ -26,8 +26,8 @@ def get_config() -> ConfigDict:
     cfg.model.num_heads = 4
     cfg.model.num_kv_heads = 2
     cfg.model.head_dim = 32
-    cfg.data.source = "synthetic:addition"
-    cfg.data.num_records = 20000
+    cfg.data.source = "synthetic:addition:2"
+    cfg.data.num_records = 8000
     cfg.data.seq_len = 64
     cfg.data.batch_size = 32
     cfg.optimizer.lr = 3e-3
@@ -35,6 +35,6 @@ def get_config() -> ConfigDict:
     cfg.optimizer.schedule = "cosine"
     cfg.optimizer.min_lr_ratio = 0.1
     cfg.optimizer.weight_decay = 0.01
-    cfg.eval.task = "addition"
+    cfg.eval.task = "synthetic:addition:2"
     cfg.eval.num_prompts = 200
     return cfg

@@ -472,7 +472,8 @@ def open_source(
             `"PATH.jsonl"` (or a glob, or several joined by ","): `JsonlSource`;
             `"PATH.array_record"` (or a glob, or a list joined by ","): `ArrayRecordSource`;
             `"tfds:NAME"`: `TfdsSource` of `split` under `data_dir`;
-            `"synthetic:addition"`: `num_records` addition chats of `split`
+            `"synthetic:addition"` (or `"synthetic:addition:D"`, operands of at most D
+            digits, default 3): `num_records` addition chats of `split`
             ("train" or "heldout") drawn with `seed`.
         split: TFDS or synthetic split.
         data_dir: TFDS data folder.
@@ -488,12 +489,10 @@ def open_source(
     import glob
 
     if spec.startswith("synthetic:"):
-        task = spec.split(":", 1)[1]
-        if task != "addition":
-            raise ValueError(f"unknown synthetic task {task!r}; known: 'addition'")
         from jaxpost.data import synthetic
 
-        return synthetic.addition_source(num_records, seed=seed, split=split)
+        return synthetic.addition_source(num_records, seed=seed, split=split,
+                                         max_digits=synthetic.parse_spec(spec))
     if spec.startswith("tfds:"):
         return TfdsSource(spec[5:], split=split, data_dir=data_dir, schema=schema,
                           rename=rename)

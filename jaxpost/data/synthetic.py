@@ -46,6 +46,16 @@ def _pair_hash(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
+def parse_spec(spec: str) -> int:
+    """max_digits of a source spec "synthetic:addition" (3) or "synthetic:addition:D"."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or parts[:2] != ["synthetic", "addition"] or (
+            len(parts) == 3 and not parts[2].isdigit()):
+        raise ValueError(f"unknown synthetic source {spec!r}; expected 'synthetic:addition' or "
+                         "'synthetic:addition:D' (D = most digits of an operand)")
+    return int(parts[2]) if len(parts) == 3 else 3
+
+
 def split_of(a: int, b: int) -> str:
     """The split the problem `a + b` belongs to ("train" or "heldout")."""
     h = _pair_hash(np.asarray([a]), np.asarray([b]))[0]
@@ -188,3 +198,59 @@ def parse_question(text: str) -> tuple[int, int] | None:
     """(a, b) from a prompt holding "What is a+b?", or None."""
     m = re.search(r"What is (\d+)\+(\d+)\?", text)
     return None if m is None else (int(m.group(1)), int(m.group(2)))
+
+
+def wrong_answer(a: int, b: int, rng: np.random.Generator) -> str:
+    """A plausibly wrong answer to `a + b`: off by a little, or one digit changed.
+
+    Half of the time the sum is shifted by one of ±1, ±2, ±10 (a carry slip); otherwise
+    one digit of the sum is replaced by another (a leading digit never by 0). The result
+    is never the correct sum and never negative.
+
+    Args:
+        a: first operand.
+        b: second operand.
+        rng: where the choices come from.
+
+    Returns:
+        The wrong answer as a decimal string.
+    """
+    correct = a + b
+    while True:
+        if rng.random() < 0.5:
+            guess = correct + int(rng.choice([-10, -2, -1, 1, 2, 10]))
+        else:
+            digits = list(str(correct))
+            k = int(rng.integers(len(digits)))
+            choices = [d for d in "0123456789" if d != digits[k] and not (
+                k == 0 and d == "0" and len(digits) > 1)]
+            digits[k] = str(rng.choice(choices))
+            guess = int("".join(digits))
+        if guess >= 0 and guess != correct:
+            return str(guess)
+
+
+def addition_preference_records(num: int, seed: int = 0, split: str = "train",
+                                max_digits: int = 3) -> list[dict[str, Any]]:
+    """`num` preference pairs for reward-model training, of one split.
+
+    A record is `{"prompt": [{"role": "user", "content": "What is 347+58?"}],
+    "chosen": "405", "rejected": "415", "answer": "405"}`: the prompt as chat messages,
+    `chosen` the correct sum, `rejected` a `wrong_answer`. Operand pairs come from
+    `addition_pairs` (so train and held-out pairs never overlap); the wrong answers
+    are drawn from their own generator seeded by `(seed, split, max_digits)`.
+
+    Args:
+        num: how many records.
+        seed: generator seed; the same arguments give the same records.
+        split: "train" or "heldout".
+        max_digits: most digits of an operand.
+
+    Returns:
+        A list of preference records.
+    """
+    pairs = addition_pairs(num, seed, split, max_digits)  # checks split and max_digits
+    rng = np.random.default_rng([int(seed), _SPLIT_CODE[split], int(max_digits), 1])
+    return [{"prompt": [{"role": "user", "content": question(a, b)}],
+             "chosen": str(a + b), "rejected": wrong_answer(a, b, rng), "answer": str(a + b)}
+            for a, b in pairs]

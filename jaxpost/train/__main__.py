@@ -24,6 +24,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file (configs/
 #: trainer name -> (module, config class, entry point)
 TRAINERS = {
     "sft": ("jaxpost.train.sft", "SFTConfig", "train"),
+    "grpo": ("jaxpost.train.grpo", "GRPOConfig", "train"),
+    "reward_model": ("jaxpost.train.reward_model", "RewardModelConfig", "train"),
 }
 
 

@@ -9,6 +9,9 @@ from typing import Any, Callable
 import jax
 
 from jaxpost import sharding as sh
+from jaxpost.data import synthetic
+from jaxpost.eval.generation import generation_accuracy
+from jaxpost.sampling import Sampler, SamplingConfig
 from jaxpost.models import ModelConfig, from_hf, init_params, param_shapes, preset
 from jaxpost.models.config import PRESETS
 
@@ -39,6 +42,43 @@ class ModelSection:
     def __post_init__(self):
         if self.preset and self.preset not in PRESETS:
             raise ValueError(f"model.preset={self.preset!r}; known presets: {sorted(PRESETS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+    """Generation-based evaluation on held-out prompts (recipes with a checker)."""
+
+    task: str = ""  # "" for none, or a synthetic source spec ("synthetic:addition[:D]"): held-out exact match
+    num_prompts: int = 200  # held-out prompts per evaluation
+    batch_size: int = 50  # prompts per sampler call
+    max_new_tokens: int = 8  # completion budget
+
+    def __post_init__(self):
+        if self.task:
+            synthetic.parse_spec(self.task)
+
+
+class GenerationEval:
+    """Greedy generation on held-out prompts, scored by the task's checker."""
+
+    def __init__(self, section: EvalSection, model_cfg: ModelConfig, tokenizer, mesh, seed: int):
+        self.section, self.tokenizer, self.seed = section, tokenizer, seed
+        self.sampler = Sampler(model_cfg, mesh) if section.task else None
+        self._prompts = None
+
+    def __call__(self, params, step: int) -> dict[str, float]:
+        e = self.section
+        if not e.task:
+            return {}
+        if self._prompts is None:
+            self._prompts = synthetic.addition_prompts(
+                self.tokenizer, e.num_prompts, seed=self.seed, split="heldout",
+                max_digits=synthetic.parse_spec(e.task))
+        sampling = SamplingConfig(max_new_tokens=e.max_new_tokens, temperature=0.0,
+                                  eos_ids=(self.tokenizer.eos_id,), pad_id=self.tokenizer.pad_id)
+        return generation_accuracy(self.sampler, params, self.tokenizer, self._prompts,
+                                   synthetic.exact_match, sampling, batch_size=e.batch_size,
+                                   rng=jax.random.key(step))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,3 +152,19 @@ def restore_params(workdir: str, abstract_params, shardings, step: int | None = 
                          f"{jax.tree.structure(params)} vs {expected}")
     return jax.tree.map(lambda x, a, s: jax.device_put(x.astype(a.dtype), s),
                         params, abstract_params, shardings)
+
+
+def setup(model: ModelSection, mesh_section: MeshSection, tokenizer_spec: str):
+    """(tokenizer, mesh, model_cfg) of a recipe; EOS/BOS default to the tokenizer's."""
+    from jaxpost.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_spec)
+    mesh = make_mesh(mesh_section)
+    model_cfg = model_config(model, tokenizer.vocab_size)
+    if model_cfg.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"model vocab_size={model_cfg.vocab_size} is smaller than the "
+                         f"tokenizer's ({tokenizer.vocab_size}, {tokenizer_spec!r})")
+    if not model_cfg.eos_token_ids and tokenizer.eos_id is not None:
+        model_cfg = model_cfg.replace(eos_token_ids=(tokenizer.eos_id,),
+                                      bos_token_id=tokenizer.bos_id)
+    return tokenizer, mesh, model_cfg

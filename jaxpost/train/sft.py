@@ -13,12 +13,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxpost import data
-from jaxpost.eval.generation import generation_accuracy
 from jaxpost.models import ModelConfig, Transformer
 from jaxpost.optim import OptimizerConfig, make_optimizer, make_schedule
-from jaxpost.sampling import Sampler, SamplingConfig
-from jaxpost.tokenizer import load_tokenizer
-from jaxpost.train.common import MeshSection, ModelSection, make_mesh, model_config, model_init
+from jaxpost.train.common import (
+    EvalSection, GenerationEval, MeshSection, ModelSection, model_init, setup)
 from jaxpost.train.loop import LoopConfig, run
 
 
@@ -67,16 +65,6 @@ class DataSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalSection:
-    """Generation-based evaluation on held-out prompts (recipes with a checker)."""
-
-    task: str = ""  # "addition" (synthetic exact match) or "" for none
-    num_prompts: int = 200  # held-out prompts per evaluation
-    batch_size: int = 50  # prompts per sampler call
-    max_new_tokens: int = 8  # completion budget
-
-
-@dataclasses.dataclass(frozen=True)
 class SFTConfig(LoopConfig):
     """Supervised fine-tuning: next-token loss on completion / assistant tokens."""
 
@@ -105,8 +93,7 @@ class SFTTask:
             pack=d.pack, seed=cfg.seed, shuffle=d.shuffle, truncation=d.truncation)
         self.loss_fn = make_sft_loss(model_cfg)
         self.cfg, self.tokenizer = cfg, tokenizer
-        self._eval_prompts = None
-        self._sampler = Sampler(model_cfg, mesh) if cfg.eval.task else None
+        self._evaluator = GenerationEval(cfg.eval, model_cfg, tokenizer, mesh, cfg.seed)
 
     def next_batch(self, state):
         del state
@@ -122,30 +109,12 @@ class SFTTask:
         self.iterator.set_state(state)
 
     def evaluate(self, params, step: int) -> dict[str, float]:
-        e = self.cfg.eval
-        if e.task != "addition":
-            return {}
-        if self._eval_prompts is None:
-            self._eval_prompts = data.synthetic.addition_prompts(
-                self.tokenizer, e.num_prompts, seed=self.cfg.seed, split="heldout")
-        sampling = SamplingConfig(max_new_tokens=e.max_new_tokens, temperature=0.0,
-                                  eos_ids=(self.tokenizer.eos_id,), pad_id=self.tokenizer.pad_id)
-        return generation_accuracy(self._sampler, params, self.tokenizer, self._eval_prompts,
-                                   data.synthetic.exact_match, sampling,
-                                   batch_size=e.batch_size, rng=jax.random.key(step))
+        return self._evaluator(params, step)
 
 
 def train(cfg: SFTConfig):
     """Runs (or resumes) an SFT recipe; returns the loop's result."""
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    mesh = make_mesh(cfg.mesh)
-    model_cfg = model_config(cfg.model, tokenizer.vocab_size)
-    if not model_cfg.eos_token_ids and tokenizer.eos_id is not None:
-        model_cfg = model_cfg.replace(eos_token_ids=(tokenizer.eos_id,),
-                                      bos_token_id=tokenizer.bos_id)
-    if model_cfg.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"model vocab_size={model_cfg.vocab_size} is smaller than the "
-                         f"tokenizer's ({tokenizer.vocab_size}, {cfg.data.tokenizer!r})")
+    tokenizer, mesh, model_cfg = setup(cfg.model, cfg.mesh, cfg.data.tokenizer)
     task = SFTTask(cfg, model_cfg, tokenizer, mesh)
     init, abstract, shardings = model_init(cfg.model, model_cfg, mesh, cfg.seed)
     total = cfg.steps

@@ -1,0 +1,320 @@
+"""GRPO with verifiable rewards: rollouts, rewards, group-relative per-token advantages,
+clipped surrogate with a k3 KL to a frozen reference, on the shared training loop.
+
+One rollout batch (`prompts_per_step` prompts x `num_generations` completions) feeds
+`num_iterations` optimizer steps. Host side per rollout: sample with the current params,
+decode, score with the reward functions, compute advantages; device side: old-policy and
+reference log-probs (each one jitted forward) and the policy step.
+
+Row layout of a rollout batch, width `max_prompt_length + max_completion_length`: the
+prompt left-padded to `max_prompt_length`, then the completion right-padded. Logits at
+columns P-1 .. P+C-2 predict the completion tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpost import data
+from jaxpost import sharding as sh
+from jaxpost.models import ModelConfig, Transformer
+from jaxpost.optim import OptimizerConfig, make_optimizer, make_schedule
+from jaxpost.rl import grpo as G
+from jaxpost.rl.rewards import RewardSet, reward_metrics
+from jaxpost.sampling import Sampler, SamplingConfig
+from jaxpost.train.common import (
+    EvalSection, GenerationEval, MeshSection, ModelSection, model_init, setup)
+from jaxpost.train.loop import LoopConfig, run
+from jaxpost.train.sft import token_logprobs
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSection:
+    """Where prompts come from (records with `prompt` or chat `messages`, plus columns
+    such as `answer` that reward functions receive)."""
+
+    source: str = "synthetic:addition"  # as data.source of SFT: jsonl, array_record, tfds:NAME, synthetic:addition
+    split: str = "train"  # TFDS / synthetic split
+    data_dir: str = ""  # TFDS data folder
+    num_records: int = 20000  # synthetic sources: how many records
+    tokenizer: str = "byte"  # "byte", an HF tokenizer folder or a sentencepiece .model
+    chat: bool = True  # render prompts through the tokenizer's chat template
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOSection:
+    """GRPO knobs; names and defaults follow TRL's GRPOConfig where they overlap."""
+
+    num_generations: int = 8  # G: completions per prompt (DeepSeekMath: 64)
+    prompts_per_step: int = 8  # prompts per rollout batch, over all processes
+    max_prompt_length: int = 64  # prompts are left-truncated to this many tokens
+    max_completion_length: int = 32  # completion budget; also Dr. GRPO's constant
+    temperature: float = 1.0  # sampling temperature; log-probs use logits / temperature
+    top_p: float = 1.0  # nucleus sampling during rollouts
+    top_k: int = 0  # top-k during rollouts (0: off)
+    beta: float = 0.0  # k3 KL weight to the frozen reference (0: no reference kept; DeepSeekMath 0.04)
+    epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
+    epsilon_high: float = 0.0  # upper clip: ratio <= 1 + epsilon_high (0: = epsilon; DAPO 0.28)
+    delta: float = 0.0  # two-sided clip cap on the ratio for negative advantages (0: off; INTELLECT-2)
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"  # token aggregation (see jaxpost.rl.grpo)
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # advantage std normalisation (none: Dr. GRPO)
+    num_iterations: int = 1  # mu: optimizer steps per rollout batch
+    mask_truncated_completions: bool = False  # DAPO overlong filtering: no loss on truncated rows
+    old_logprobs: Literal["recompute", "sampler"] = "recompute"  # mu > 1: old policy from a forward pass or the sampler
+
+    def __post_init__(self):
+        if self.num_generations < 1 or self.prompts_per_step < 1 or self.num_iterations < 1:
+            raise ValueError("grpo.num_generations, grpo.prompts_per_step and grpo.num_iterations "
+                             "must be >= 1")
+        if self.max_completion_length < 1 or self.max_prompt_length < 1:
+            raise ValueError("grpo.max_prompt_length and grpo.max_completion_length must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig(LoopConfig):
+    """GRPO from verifiable rewards (DeepSeekMath, Dr. GRPO, DAPO variants)."""
+
+    trainer: str = "grpo"  # which trainer runs this config
+    model: ModelSection = ModelSection()
+    prompts: PromptSection = PromptSection()
+    grpo: GRPOSection = GRPOSection()
+    reward_fns: tuple[str, ...] = ("jaxpost.rl.rewards:exact_answer",)  # "pkg.module:function" or "pkg.module:factory(k=v)"
+    reward_weights: tuple[float, ...] = ()  # one weight per reward function (empty: all 1.0)
+    optimizer: OptimizerConfig = OptimizerConfig(lr=1e-6, schedule="constant")
+    mesh: MeshSection = MeshSection()
+    eval: EvalSection = EvalSection()
+    init_sft_config: str = ""  # a recipe file: train it into WORKDIR/sft_init first when model.init_from is unset
+    init_sft_steps: int = 0  # steps of that SFT warm-up (0: its own `steps`)
+
+
+def make_grpo_loss(model_cfg: ModelConfig, g: GRPOSection):
+    """`loss_fn(params, batch, rng)` of the clipped surrogate (+ beta * k3 KL)."""
+    model = Transformer(model_cfg)
+    p, c = g.max_prompt_length, g.max_completion_length
+    eps_high = g.epsilon_high or g.epsilon
+
+    def loss_fn(params, batch, rng):
+        del rng
+        logits = model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
+                             segment_ids=batch["segment_ids"])
+        logits = logits[:, p - 1:p + c - 1].astype(jnp.float32) / g.temperature
+        completion = batch["tokens"][:, p:]
+        logp = token_logprobs(logits, completion)
+        mask = batch["completion_mask"]
+        # The first update on a rollout batch uses the current policy as the old one, so its
+        # ratio is exactly 1; later iterations use the stored old-policy log-probs.
+        old = jax.lax.stop_gradient(logp)
+        if "old_logp" in batch:
+            old = jnp.where(batch["first_iteration"][:, None] > 0, old, batch["old_logp"])
+        loss_sum, count, aux = G.policy_loss(
+            logp, old, batch["advantages"], mask, loss_type=g.loss_type,
+            max_completion_length=c, epsilon=g.epsilon, epsilon_high=eps_high, beta=g.beta,
+            ref_logp=batch.get("ref_logp"), delta=g.delta or None)
+        aux["entropy"] = G.masked_mean_pair(G.token_entropy(logits), mask)
+        aux["ratio_mean"] = G.masked_mean_pair(jnp.exp(logp - old), mask)
+        return loss_sum, count, aux
+
+    return loss_fn
+
+
+def make_logprob_fn(model_cfg: ModelConfig, g: GRPOSection, mesh, param_shardings, rules=sh.DEFAULT_RULES):
+    """Jitted `(params, batch) -> logp [N, C]` of the completion tokens (old / reference)."""
+    model = Transformer(model_cfg)
+    p, c = g.max_prompt_length, g.max_completion_length
+
+    def fn(params, tokens, positions, segment_ids):
+        with sh.logical_rules(mesh, rules):
+            logits = model.apply({"params": params}, tokens, positions=positions,
+                                 segment_ids=segment_ids)
+        logits = logits[:, p - 1:p + c - 1].astype(jnp.float32) / g.temperature
+        return token_logprobs(logits, tokens[:, p:])
+
+    return jax.jit(fn, in_shardings=(param_shardings, None, None, None))
+
+
+def build_rows(prompt_ids: list[list[int]], completions: np.ndarray, lengths: np.ndarray,
+               p: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Rows [N, P + C]: left-padded prompt then right-padded completion, with segment ids,
+    positions and the completion mask [N, C]."""
+    n, c = completions.shape
+    tokens = np.full((n, p + c), pad_id, np.int32)
+    seg = np.zeros((n, p + c), np.int32)
+    for i, ids in enumerate(prompt_ids):
+        ids = ids[-p:]
+        tokens[i, p - len(ids):p] = ids
+        seg[i, p - len(ids):p] = 1
+    comp_mask = (np.arange(c)[None, :] < lengths[:, None])
+    tokens[:, p:] = np.where(comp_mask, completions, pad_id)
+    seg[:, p:] = comp_mask
+    positions = np.maximum(np.cumsum(seg, axis=1) - 1, 0).astype(np.int32)
+    return {"tokens": tokens, "positions": positions, "segment_ids": seg,
+            "completion_mask": comp_mask.astype(np.float32)}
+
+
+class GRPOTask:
+    """Rollouts with the current policy feed `num_iterations` steps each."""
+
+    def __init__(self, cfg: GRPOConfig, model_cfg: ModelConfig, tokenizer, mesh, param_shardings):
+        g, pr = cfg.grpo, cfg.prompts
+        procs = jax.process_count()
+        if g.prompts_per_step % procs:
+            raise ValueError(f"grpo.prompts_per_step={g.prompts_per_step} is not divisible by "
+                             f"the {procs} processes")
+        source = data.open_source(pr.source, split=pr.split, data_dir=pr.data_dir or None,
+                                  schema="prompt", num_records=pr.num_records, seed=cfg.seed)
+        self.prompts = data.make_prompt_iterator(source, tokenizer,
+                                                 batch_size=g.prompts_per_step // procs,
+                                                 seed=cfg.seed, chat=pr.chat)
+        self.rewards = RewardSet(cfg.reward_fns, cfg.reward_weights or None)
+        self.cfg, self.g, self.tokenizer, self.mesh = cfg, g, tokenizer, mesh
+        self.loss_fn = make_grpo_loss(model_cfg, g)
+        self.sampler = Sampler(model_cfg, mesh)
+        self.sampling = SamplingConfig(
+            max_new_tokens=g.max_completion_length, temperature=g.temperature, top_p=g.top_p,
+            top_k=g.top_k, pad_id=tokenizer.pad_id,
+            eos_ids=model_cfg.eos_token_ids or (tokenizer.eos_id,))
+        self.logprob_fn = make_logprob_fn(model_cfg, g, mesh, param_shardings)
+        self.ref_params = None  # set on the first rollout when beta > 0
+        self.evaluator = GenerationEval(cfg.eval, model_cfg, tokenizer, mesh, cfg.seed)
+        self._batch = None
+        self._uses = 0
+        self._prompt_state = self.prompts.get_state()
+
+    # -- rollout --------------------------------------------------------------------
+    def _rollout(self, state) -> tuple[dict, dict]:
+        g = self.g
+        t0 = time.perf_counter()
+        self._prompt_state = self.prompts.get_state()
+        records = next(self.prompts)
+        rows = [r for r in records for _ in range(g.num_generations)]
+        prompt_ids = [r["prompt_ids"][-g.max_prompt_length:] for r in rows]
+        width = g.max_prompt_length
+        prompts = np.full((len(rows), width), self.tokenizer.pad_id, np.int32)
+        lengths = np.zeros((len(rows),), np.int32)
+        for i, ids in enumerate(prompt_ids):
+            prompts[i, :len(ids)] = ids
+            lengths[i] = len(ids)
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1)
+        out = jax.device_get(self.sampler(state.params, prompts, lengths, rng, self.sampling))
+        t_sample = time.perf_counter() - t0
+
+        completions = [self.tokenizer.decode(out.tokens[i, :out.lengths[i]].tolist(),
+                                             skip_special_tokens=True) for i in range(len(rows))]
+        columns = {k: [r.get(k) for r in rows] for k in rows[0]
+                   if k not in ("prompt", "prompt_ids", "messages")}
+        columns["completion_lengths"] = [int(x) for x in out.lengths]
+        columns["truncated"] = [bool(x) for x in out.truncated]
+        total, per_fn = self.rewards([r["prompt"] for r in rows], completions, columns)
+        seq_adv, adv_stats = G.group_advantages(jnp.asarray(total, jnp.float32),
+                                                g.num_generations, g.scale_rewards)
+        batch = build_rows(prompt_ids, out.tokens, out.lengths, width, self.tokenizer.pad_id)
+        mask = batch["completion_mask"]
+        if g.mask_truncated_completions:
+            mask = mask * (~out.truncated)[:, None]
+            batch["completion_mask"] = mask.astype(np.float32)
+        batch["advantages"] = np.asarray(G.token_advantages(seq_adv, jnp.asarray(mask)), np.float32)
+        t_reward = time.perf_counter() - t0 - t_sample
+
+        metrics = {**reward_metrics(total, per_fn),
+                   "completion_length_mean": float(out.lengths.mean()),
+                   "completion_length_max": float(out.lengths.max()),
+                   "truncation_rate": float(out.truncated.mean()),
+                   "rollout_tokens_per_s": float(out.lengths.sum()) / max(t_sample, 1e-9),
+                   "time_rollout_s": t_sample, "time_reward_s": t_reward}
+        metrics.update({k: float(v) for k, v in adv_stats.items() if k != "reward_mean"})
+
+        placed = sh.shard_batch({k: batch[k] for k in ("tokens", "positions", "segment_ids")},
+                                self.mesh)
+        t1 = time.perf_counter()
+        if g.num_iterations > 1:
+            if g.old_logprobs == "sampler":
+                batch["old_logp"] = out.logprobs.astype(np.float32)
+            else:
+                old = self.logprob_fn(state.params, placed["tokens"], placed["positions"],
+                                      placed["segment_ids"])
+                batch["old_logp"] = np.asarray(jax.device_get(old))
+                gap = np.abs(batch["old_logp"] - out.logprobs) * mask
+                metrics["sampler_logprob_gap"] = float(gap.sum() / max(mask.sum(), 1))
+        metrics["time_old_logprobs_s"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        if g.beta > 0:
+            if self.ref_params is None:  # the policy before any GRPO update is the reference
+                self.ref_params = jax.tree.map(jnp.copy, state.params)
+            ref = self.logprob_fn(self.ref_params, placed["tokens"], placed["positions"],
+                                  placed["segment_ids"])
+            batch["ref_logp"] = np.asarray(jax.device_get(ref))
+        metrics["time_reference_s"] = time.perf_counter() - t2
+        return batch, metrics
+
+    def next_batch(self, state):
+        if self._batch is None or self._uses >= self.g.num_iterations:
+            self._batch, self._metrics = self._rollout(state)
+            self._uses = 0
+            self._rollout_state = self._prompt_state
+        self._uses += 1
+        batch, metrics = self._batch, dict(self._metrics)
+        if self.g.num_iterations > 1:
+            first = np.full((len(batch["tokens"]),), self._uses == 1, np.float32)
+            batch = dict(batch, first_iteration=first)
+        if self._uses > 1:  # the same rollout again: no new sampling time was spent
+            metrics.update({k: 0.0 for k in metrics if k.startswith("time_")})
+        metrics["iteration"] = float(self._uses)
+        return batch, metrics
+
+    def data_state(self) -> dict:
+        """Position of the prompt stream; a partly used rollout batch is re-sampled on
+        resume (from the prompts it came from), so resume never skips prompts."""
+        return {"prompts": self.prompts.get_state() if self._batch is None or
+                self._uses >= self.g.num_iterations else self._rollout_state}
+
+    def set_data_state(self, state: dict) -> None:
+        self.prompts.set_state(state["prompts"])
+
+    def evaluate(self, params, step: int) -> dict[str, float]:
+        return self.evaluator(params, step)
+
+
+def _init_sft(cfg: GRPOConfig) -> ModelSection:
+    """Trains the in-config SFT warm-up (if asked) and points model.init_from at it."""
+    if cfg.model.init_from or cfg.model.hf_path or not cfg.init_sft_config:
+        return cfg.model
+    import importlib.util
+
+    from jaxpost.config import to_dataclass
+    from jaxpost.train import sft
+
+    spec = importlib.util.spec_from_file_location("init_sft_config", cfg.init_sft_config)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"init_sft_config={cfg.init_sft_config!r} is not a config file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sft_dict = module.get_config()
+    sft_dict.workdir = os.path.join(cfg.workdir, "sft_init")
+    if cfg.init_sft_steps:
+        sft_dict.steps = cfg.init_sft_steps
+    sft_cfg = to_dataclass(sft.SFTConfig, sft_dict, where="init_sft_config")
+    log.info("training the SFT warm-up into %s", sft_cfg.workdir)
+    sft.train(sft_cfg)
+    return dataclasses.replace(sft_cfg.model, init_from=sft_cfg.workdir)
+
+
+def train(cfg: GRPOConfig):
+    """Runs (or resumes) a GRPO recipe; returns the loop's result."""
+    model_section = _init_sft(cfg)
+    tokenizer, mesh, model_cfg = setup(model_section, cfg.mesh, cfg.prompts.tokenizer)
+    init, abstract, shardings = model_init(model_section, model_cfg, mesh, cfg.seed)
+    task = GRPOTask(cfg, model_cfg, tokenizer, mesh, shardings)
+    return run(cfg, task, init_params=init, abstract_params=abstract, param_shardings=shardings,
+               optimizer=make_optimizer(cfg.optimizer, cfg.steps), mesh=mesh,
+               schedule=make_schedule(cfg.optimizer, cfg.steps),
+               metadata={"config": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg)})

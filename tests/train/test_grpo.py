@@ -1,0 +1,132 @@
+"""The GRPO trainer: row layout, first-iteration ratio, sharding equality, end to end."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpost import sharding as sh
+from jaxpost.config import to_config_dict
+from jaxpost.models import init_params, tiny
+from jaxpost.optim import OptimizerConfig, make_optimizer
+from jaxpost.rl.rewards import RewardFunctionError
+from jaxpost.train.grpo import GRPOConfig, GRPOSection, build_rows, make_grpo_loss, train
+from jaxpost.train.state import TrainState
+from jaxpost.train.step import make_train_step, state_shardings
+
+CFG = tiny("llama", num_layers=1, vocab_size=64)
+G = GRPOSection(num_generations=4, prompts_per_step=2, max_prompt_length=5,
+                max_completion_length=4, beta=0.04, num_iterations=2, loss_type="grpo")
+
+
+def test_build_rows_left_pads_prompts_and_right_pads_completions():
+    rows = build_rows([[7, 8], [1, 2, 3, 4, 5, 6]], np.array([[9, 10, 11], [12, 13, 14]]),
+                      np.array([2, 3]), p=4, pad_id=0)
+    np.testing.assert_array_equal(rows["tokens"], [[0, 0, 7, 8, 9, 10, 0], [3, 4, 5, 6, 12, 13, 14]])
+    np.testing.assert_array_equal(rows["segment_ids"], [[0, 0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(rows["positions"], [[0, 0, 0, 1, 2, 3, 3], [0, 1, 2, 3, 4, 5, 6]])
+    np.testing.assert_array_equal(rows["completion_mask"], [[1, 1, 0], [1, 1, 1]])
+
+
+def _rollout_batch(seed=0, first=1.0):
+    rng = np.random.default_rng(seed)
+    n, p, c = 8, G.max_prompt_length, G.max_completion_length
+    prompts = [list(rng.integers(1, 64, rng.integers(2, p + 1))) for _ in range(n)]
+    lengths = rng.integers(1, c + 1, n)
+    batch = build_rows(prompts, rng.integers(1, 64, (n, c)).astype(np.int32), lengths, p, 0)
+    batch["advantages"] = (rng.normal(size=(n, 1)) * batch["completion_mask"]).astype(np.float32)
+    batch["old_logp"] = (-3 + 0.1 * rng.normal(size=(n, c))).astype(np.float32)
+    batch["ref_logp"] = (-3 + 0.1 * rng.normal(size=(n, c))).astype(np.float32)
+    batch["first_iteration"] = np.full((n,), first, np.float32)
+    return batch
+
+
+def test_first_iteration_ratio_is_exactly_one_and_later_ones_use_old_logprobs():
+    params = init_params(CFG, jax.random.key(0))
+    loss_fn = jax.jit(make_grpo_loss(CFG, G))
+    _, _, aux = loss_fn(params, _rollout_batch(first=1.0), None)
+    s, w = aux["ratio_mean"]
+    assert float(s) / float(w) == 1.0
+    assert float(aux["clip_ratio/region_mean"][0]) == 0.0
+    _, _, aux = loss_fn(params, _rollout_batch(first=0.0), None)
+    s, w = aux["ratio_mean"]
+    assert abs(float(s) / float(w) - 1.0) > 1e-3  # stored old log-probs differ from the policy
+    assert float(aux["kl"][0]) > 0
+
+
+def test_grpo_step_on_8_devices_equals_1_device():
+    opt = make_optimizer(OptimizerConfig(lr=1e-2), 10)
+    loss_fn = make_grpo_loss(CFG, G)
+    batch = _rollout_batch()
+    results = []
+    for devices, mesh_cfg in ((jax.devices()[:1], sh.MeshConfig()),
+                              (jax.devices(), sh.MeshConfig(data=2, fsdp=2, tensor=2))):
+        mesh = sh.make_mesh(mesh_cfg, devices)
+        state = TrainState.create(init_params(CFG, jax.random.key(0)), opt, seed=0)
+        shardings = state_shardings(jax.eval_shape(lambda: state), sh.param_shardings(CFG, mesh), mesh)
+        state = jax.device_put(state, shardings)
+        placed = sh.shard_batch(batch, mesh)
+        step = make_train_step(loss_fn, opt, mesh=mesh, state_sharding=shardings,
+                               batch_sharding=jax.tree.map(lambda x: x.sharding, placed),
+                               grad_accum_steps=2)
+        state, metrics = step(state, placed)
+        results.append((jax.device_get(state.params), jax.device_get(metrics)))
+    (p1, m1), (p8, m8) = results
+    np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(m1["kl"], m8["kl"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def _small_grpo(workdir, **over):
+    cfg = to_config_dict(GRPOConfig())
+    cfg.workdir = str(workdir)
+    cfg.steps = 4
+    cfg.log_every = 1
+    cfg.checkpoint_every = 2
+    for k, v in dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                     num_kv_heads=1, head_dim=16).items():
+        cfg.model[k] = v
+    cfg.prompts.source = "synthetic:addition:2"
+    cfg.prompts.num_records = 64
+    cfg.grpo.num_generations = 4
+    cfg.grpo.prompts_per_step = 2
+    cfg.grpo.max_prompt_length = 24
+    cfg.grpo.max_completion_length = 4
+    cfg.grpo.beta = 0.04
+    cfg.grpo.num_iterations = 2
+    cfg.reward_fns = ("jaxpost.rl.rewards:exact_answer", "jaxpost.rl.rewards:format_reward")
+    cfg.reward_weights = (1.0, 0.5)
+    for k, v in over.items():
+        cfg[k] = v
+    from jaxpost.train.__main__ import load_config
+    return load_config(cfg)[0]
+
+
+def test_grpo_trains_logs_reward_metrics_and_resumes(tmp_path):
+    result = train(_small_grpo(tmp_path))
+    assert int(result.state.step) == 4
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4]
+    for key in ("loss", "reward_mean", "rewards/exact_answer/mean", "rewards/format_reward/mean",
+                "frac_reward_zero_std", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean",
+                "entropy", "completion_length_mean", "completion_length_max", "truncation_rate",
+                "rollout_tokens_per_s", "time_rollout_s", "time_reference_s"):
+        assert key in lines[0], key
+    assert lines[0]["ratio_mean"] == 1.0  # first update on each rollout batch
+    resumed = train(_small_grpo(tmp_path, steps=6))
+    assert int(resumed.state.step) == 6
+
+
+def test_a_reward_function_that_raises_stops_the_run_naming_it(tmp_path):
+    cfg = _small_grpo(tmp_path, reward_fns=("tests.train.test_grpo:broken_reward",),
+                      reward_weights=(1.0,))
+    with pytest.raises(RewardFunctionError, match="broken_reward"):
+        train(cfg)
+
+
+def broken_reward(prompts, completions, **columns):
+    """A reward function with a bug, for the test above."""
+    return [1.0 / 0.0 if i == 3 else 0.0 for i in range(len(completions))]
