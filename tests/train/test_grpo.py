@@ -105,6 +105,7 @@ def _small_grpo(workdir, **over):
     return load_config(cfg)[0]
 
 
+@pytest.mark.slow
 def test_grpo_trains_logs_reward_metrics_and_resumes(tmp_path):
     result = train(_small_grpo(tmp_path))
     assert int(result.state.step) == 4
@@ -120,6 +121,7 @@ def test_grpo_trains_logs_reward_metrics_and_resumes(tmp_path):
     assert int(resumed.state.step) == 6
 
 
+@pytest.mark.slow
 def test_a_reward_function_that_raises_stops_the_run_naming_it(tmp_path):
     cfg = _small_grpo(tmp_path, reward_fns=("tests.train.test_grpo:broken_reward",),
                       reward_weights=(1.0,))
