@@ -88,10 +88,12 @@ class MeshSection:
     data: int = 1  # data-parallel axis (params replicated)
     fsdp: int = -1  # fully sharded data-parallel axis
     tensor: int = 1  # tensor-parallel axis
+    num_devices: int = 0  # use the first N devices only (0: all; single-host debugging)
 
 
 def make_mesh(section: MeshSection) -> jax.sharding.Mesh:
-    return sh.make_mesh(sh.MeshConfig(section.data, section.fsdp, section.tensor))
+    devices = jax.devices()[:section.num_devices] if section.num_devices else None
+    return sh.make_mesh(sh.MeshConfig(section.data, section.fsdp, section.tensor), devices)
 
 
 _NUMERICS = ("dtype", "param_dtype", "scan_layers", "remat_policy")

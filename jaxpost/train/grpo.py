@@ -28,7 +28,7 @@ from jaxpost import sharding as sh
 from jaxpost.models import ModelConfig, Transformer
 from jaxpost.optim import OptimizerConfig, make_optimizer, make_schedule
 from jaxpost.rl import grpo as G
-from jaxpost.rl.rewards import RewardSet, reward_metrics
+from jaxpost.rl.rewards import RewardSet, resolve_reward, reward_metrics
 from jaxpost.sampling import Sampler, SamplingConfig
 from jaxpost.train.common import (
     EvalSection, GenerationEval, MeshSection, ModelSection, model_init, setup)
@@ -90,6 +90,7 @@ class GRPOConfig(LoopConfig):
     grpo: GRPOSection = GRPOSection()
     reward_fns: tuple[str, ...] = ("jaxpost.rl.rewards:exact_answer",)  # "pkg.module:function" or "pkg.module:factory(k=v)"
     reward_weights: tuple[float, ...] = ()  # one weight per reward function (empty: all 1.0)
+    token_credit: str = ""  # per-token credit, "pkg.module:fn" or "pkg.module:factory(k=v)" ("" = uniform)
     optimizer: OptimizerConfig = OptimizerConfig(lr=1e-6, schedule="constant")
     mesh: MeshSection = MeshSection()
     eval: EvalSection = EvalSection()
@@ -176,6 +177,9 @@ class GRPOTask:
                                                  batch_size=g.prompts_per_step // procs,
                                                  seed=cfg.seed, chat=pr.chat)
         self.rewards = RewardSet(cfg.reward_fns, cfg.reward_weights or None)
+        # Token credit: fn(prompts, completions, completion_ids [N, C], mask [N, C]) ->
+        # weights [N, C], rescaled to masked mean 1 per row (the gaze issue plugs in here).
+        self.credit_fn = resolve_reward(cfg.token_credit)[1] if cfg.token_credit else None
         self.cfg, self.g, self.tokenizer, self.mesh = cfg, g, tokenizer, mesh
         self.loss_fn = make_grpo_loss(model_cfg, g)
         self.sampler = Sampler(model_cfg, mesh)
@@ -222,7 +226,13 @@ class GRPOTask:
         if g.mask_truncated_completions:
             mask = mask * (~out.truncated)[:, None]
             batch["completion_mask"] = mask.astype(np.float32)
-        batch["advantages"] = np.asarray(G.token_advantages(seq_adv, jnp.asarray(mask)), np.float32)
+        credit = None
+        if self.credit_fn is not None:
+            credit = G.normalize_credit(jnp.asarray(self.credit_fn(
+                prompts=[r["prompt"] for r in rows], completions=completions,
+                completion_ids=out.tokens, mask=mask), jnp.float32), jnp.asarray(mask))
+        batch["advantages"] = np.asarray(
+            G.token_advantages(seq_adv, jnp.asarray(mask), credit), np.float32)
         t_reward = time.perf_counter() - t0 - t_sample
 
         metrics = {**reward_metrics(total, per_fn),

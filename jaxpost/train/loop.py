@@ -132,8 +132,10 @@ def run(cfg: LoopConfig, task: Task, *, init_params: Callable[[], Any], abstract
                         task.loss_fn, optimizer, mesh=mesh, state_sharding=s_shardings,
                         batch_sharding=jax.tree.map(lambda x: x.sharding, batch),
                         grad_accum_steps=cfg.grad_accum_steps, schedule=schedule, rules=rules)
+                t_train = time.perf_counter()
                 state, metrics = train_fn(state, batch)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                metrics["time_train_s"] = time.perf_counter() - t_train
                 if metrics.pop("nonfinite"):
                     raise NonFiniteLossError(
                         f"step {step + 1}: loss={metrics['loss']} grad_norm={metrics['grad_norm']} "

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpost import data
+from jaxpost import sharding as sh
 from jaxpost.models import ModelConfig, Transformer
 from jaxpost.optim import OptimizerConfig, make_optimizer, make_schedule
 from jaxpost.train.common import (
@@ -62,6 +63,9 @@ class DataSection:
     truncation: str = "truncate_right"  # "truncate_right", "truncate_left" or "drop"
     skip_malformed: bool = False  # JSONL: skip and count malformed lines instead of failing
     shuffle: bool = True  # reshuffle every epoch (deterministic by seed)
+    eval_source: str = ""  # held-out examples for eval loss ("" = synthetic sources' held-out split, else none)
+    eval_split: str = "heldout"  # split of eval_source (TFDS: e.g. "test")
+    eval_batches: int = 4  # batches of held-out examples per eval-loss measurement
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +98,26 @@ class SFTTask:
         self.loss_fn = make_sft_loss(model_cfg)
         self.cfg, self.tokenizer = cfg, tokenizer
         self._evaluator = GenerationEval(cfg.eval, model_cfg, tokenizer, mesh, cfg.seed)
+        self._mesh = mesh
+        self._eval_batches = self._heldout_batches(tokenizer)
+
+        def eval_loss(params, batch):
+            with sh.logical_rules(mesh):
+                return self.loss_fn(params, batch, None)[:2]
+        self._eval_loss = jax.jit(eval_loss)
+
+    def _heldout_batches(self, tokenizer) -> list[dict]:
+        d = self.cfg.data
+        spec = d.eval_source or (d.source if d.source.startswith("synthetic:") else "")
+        if not spec or d.eval_batches <= 0:
+            return []
+        source = data.open_source(spec, split=d.eval_split, data_dir=d.data_dir or None,
+                                  num_records=d.eval_batches * d.batch_size * 4, seed=self.cfg.seed)
+        it = data.make_sft_iterator(
+            source, tokenizer, seq_len=d.seq_len, batch_size=d.batch_size // jax.process_count(),
+            pack=d.pack, seed=self.cfg.seed, shuffle=False, num_epochs=1,
+            truncation=d.truncation, num_threads=0)
+        return [b for _, b in zip(range(d.eval_batches), it)]
 
     def next_batch(self, state):
         del state
@@ -109,7 +133,15 @@ class SFTTask:
         self.iterator.set_state(state)
 
     def evaluate(self, params, step: int) -> dict[str, float]:
-        return self._evaluator(params, step)
+        """Held-out loss (token-weighted) and the generation eval of `cfg.eval`."""
+        out = dict(self._evaluator(params, step))
+        if self._eval_batches:
+            total = count = 0.0
+            for batch in self._eval_batches:
+                s, c = self._eval_loss(params, sh.shard_batch(batch, self._mesh))
+                total, count = total + float(s), count + float(c)
+            out["loss"] = total / max(count, 1.0)
+        return out
 
 
 def train(cfg: SFTConfig):

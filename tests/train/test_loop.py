@@ -150,8 +150,11 @@ def test_export_writes_the_checkpoint_params_as_an_hf_folder(tmp_path):
     from jaxpost.export import export
     from jaxpost.models import from_hf
 
-    cfg, _ = load_config(small_config(tmp_path / "run", steps=2))
-    train(cfg)
+    cfg, _ = load_config(small_config(tmp_path / "run", steps=2, eval_every=2))
+    result = train(cfg)
+    assert np.isfinite(result.eval_metrics["eval_loss"])  # held-out loss of the synthetic split
+    last = json.loads(open(tmp_path / "run" / "metrics.jsonl").read().splitlines()[-1])
+    assert last["step"] == 2 and "eval_loss" in last
     step = export(str(tmp_path / "run"), str(tmp_path / "hf"))
     assert step == 2
     _, params = from_hf(tmp_path / "hf")
