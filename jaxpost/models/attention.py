@@ -86,7 +86,12 @@ def make_cache_mask(key_mask: jax.Array, index: jax.Array, num_queries: int) -> 
 
 
 class Attention(nn.Module):
-    """GQA self-attention; with `layer_cache`, attends over the cache after writing to it."""
+    """GQA self-attention; with `layer_cache`, attends over the cache after writing to it.
+
+    `layer_cache` is `(k, v, layer)`: the caches of ALL layers [L, B, S, KV, hd] and this
+    layer's index, so the layer scan carries them and every write is in place (a per-layer
+    slice as a scan input/output would copy the whole cache at every decode step).
+    """
 
     cfg: ModelConfig
 
@@ -111,12 +116,15 @@ class Attention(nn.Module):
 
         new_cache = None
         if layer_cache is not None:
-            ck, cv = layer_cache
-            start = (0, index, 0, 0)
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
-            new_cache = (ck, cv)
-            k, v = ck, cv
+            # The stacked caches of all layers [L, B, S, KV, hd] and this layer's index:
+            # write the new keys/values in place, then read this layer's slots.
+            ck, cv, layer = layer_cache
+            start = (layer, 0, index, 0, 0)
+            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), start)
+            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), start)
+            new_cache = (ck, cv, layer + 1)
+            k = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
+            v = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
 
         dtype = dtype_of(cfg.dtype)
         groups = h // kv

@@ -32,14 +32,16 @@ class DecoderLayer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, layer_cache, cos, sin, mask, index):
+    def __call__(self, carry, cos, sin, mask, index):
+        # carry: (x, cache) with cache None or (k, v, layer) of all layers (see Attention).
+        x, cache = carry
         cfg = self.cfg
         h = RMSNorm(cfg.rms_norm_eps, cfg, name="input_layernorm")(x)
-        h, new_cache = Attention(cfg, name="self_attn")(h, cos, sin, mask, layer_cache, index)
+        h, cache = Attention(cfg, name="self_attn")(h, cos, sin, mask, cache, index)
         x = constrain(x + h, _ACT)
         h = RMSNorm(cfg.rms_norm_eps, cfg, name="post_attention_layernorm")(x)
         x = constrain(x + MLP(cfg, name="mlp")(h), _ACT)
-        return x, new_cache
+        return (x, cache), None
 
 
 class Transformer(nn.Module):
@@ -98,13 +100,14 @@ class Transformer(nn.Module):
             layer_cls,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
             unroll=1 if cfg.scan_layers else cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, name="layers")
-        layer_caches = None if cache is None else (cache.k, cache.v)
-        x, new_caches = layers(x, layer_caches, cos, sin, mask, index)
+        # The KV cache rides in the scan carry, so decode steps update it in place.
+        layer_caches = None if cache is None else (cache.k, cache.v, jnp.zeros((), jnp.int32))
+        (x, new_caches), _ = layers((x, layer_caches), cos, sin, mask, index)
 
         x = RMSNorm(cfg.rms_norm_eps, cfg, name="norm")(x)
         if return_hidden:

@@ -1,0 +1,617 @@
+"""Autoregressive sampling: a jitted prefill, then one jitted decode loop over a KV cache.
+
+Prompts come in the natural user format, a right-padded int32 array `[B, P]` plus the
+length of each row; they are left-aligned inside `jit` (the cache writes every row at
+the same slots, see `jaxpost.models.KVCache`), so every row's last prompt token sits at
+slot `P - 1` and every row decodes in lock step. The cache holds `P + max_new_tokens`
+slots. The decode loop is one `lax.while_loop`: no host round trip per token, static
+shapes, and it stops as soon as every row has emitted an EOS or stop token.
+
+Per step: temperature scaling, optional top-k (static `k`), optional nucleus (top-p)
+filtering, then one draw. Temperature 0 means greedy (argmax). Temperature and top-p are
+traced values, so changing them does not recompile.
+
+Log-probabilities: `SampleOutput.logprobs[b, t]` is the log-probability of the sampled
+token under the temperature-scaled distribution `log_softmax(logits / temperature)`,
+taken BEFORE top-k/top-p truncation (under greedy decoding: the raw `log_softmax(logits)`),
+and 0 after the end of a sequence. This is the quantity GRPO uses as the old-policy
+log-prob: its policy loss recomputes `log_softmax(logits / temperature)` from a full
+forward pass (TRL scales logits by the sampling temperature in the same way), and a
+truncated distribution would give a log-prob no forward pass can reproduce.
+
+Sampling draws one uniform number per row and inverts the CDF in two levels (blocks of
+128 tokens, then within a block) instead of adding Gumbel noise to the whole vocabulary:
+on CPU that is ~8x cheaper per step for a 16k vocabulary. Top-p finds its probability
+threshold by bisection on the float bits rather than sorting the vocabulary (a sort of
+`[16, 16384]` costs more than a whole decode step on CPU); ties at the threshold are all
+kept. On CPU the layers run unrolled from per-layer weight copies made once per call (see
+`Sampler`'s `unstack_layers`).
+
+Entry points: `Sampler` (compiled, sharded, cache donated: what training loops use),
+`generate` (the same as one pure function, to call inside your own `jit`), and the
+token-choice pieces `sample_logits` and `top_p_mask`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxpost import sharding as shd
+from jaxpost.models.attention import KVCache, make_cache_mask, rope_tables
+from jaxpost.models.config import ModelConfig
+from jaxpost.models.layers import RMSNorm, constrain, dtype_of
+from jaxpost.models.transformer import DecoderLayer, Transformer
+
+_CDF_BLOCK = 128  # vocabulary block of the two-level inverse-CDF draw
+
+
+# ----------------------------------------------------------------------------- config
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample completions.
+
+    `max_new_tokens`, `top_k`, the stop ids and `pad_id` fix the compiled program;
+    `temperature` and `top_p` are passed as traced values (changing them never recompiles).
+    """
+
+    max_new_tokens: int = 64  # completion length budget (static: sets the output shape)
+    temperature: float = 1.0  # logits are divided by it; 0 means greedy decoding
+    top_k: int = 0  # keep the k most likely tokens before drawing; 0 (or >= vocab): off
+    top_p: float = 1.0  # nucleus sampling: smallest set with probability mass >= top_p
+    eos_ids: tuple[int, ...] | None = None  # None: the model config's eos_token_ids
+    stop_ids: tuple[int, ...] = ()  # extra tokens that end a sequence (and are kept)
+    pad_id: int = 0  # written to `tokens` after a sequence has ended
+
+    def __post_init__(self):
+        for name in ("eos_ids", "stop_ids"):
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, (int, np.integer)):
+                    value = (value,)
+                object.__setattr__(self, name, tuple(int(v) for v in value))
+        if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens < 1:
+            raise ValueError(
+                f"SamplingConfig.max_new_tokens={self.max_new_tokens!r}: must be an int >= 1")
+        if not self.temperature >= 0:
+            raise ValueError(
+                f"SamplingConfig.temperature={self.temperature!r}: must be >= 0 (0 = greedy)")
+        if not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+            raise ValueError(f"SamplingConfig.top_k={self.top_k!r}: must be an int >= 0 (0 = off)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingConfig.top_p={self.top_p!r}: must be in (0, 1] (1 = off)")
+
+    def replace(self, **changes: Any) -> "SamplingConfig":
+        return dataclasses.replace(self, **changes)
+
+    def stop_tokens(self, model_cfg: ModelConfig) -> tuple[int, ...]:
+        """All token ids that end a sequence: EOS ids (or the model's) plus stop ids."""
+        eos = model_cfg.eos_token_ids if self.eos_ids is None else self.eos_ids
+        return tuple(sorted(set(eos) | set(self.stop_ids)))
+
+
+@flax.struct.dataclass
+class SampleOutput:
+    """Sampled completions; positions after a sequence's end hold `pad_id` and 0."""
+
+    tokens: jax.Array  # int32 [B, max_new_tokens]
+    logprobs: jax.Array  # float32 [B, max_new_tokens]: log p(token) under logits/temperature
+    lengths: jax.Array  # int32 [B]: generated tokens, the final EOS/stop token included
+    truncated: jax.Array  # bool [B]: no EOS/stop token within max_new_tokens
+
+
+# --------------------------------------------------------------------- token choice
+def top_p_mask(logits: jax.Array, top_p: jax.Array | float,
+               where: jax.Array | None = None) -> jax.Array:
+    """Nucleus filter: the smallest set of most likely tokens with probability >= top_p.
+
+    Args:
+      logits: float [..., V].
+      top_p: scalar in (0, 1].
+      where: optional bool [..., V]; only these tokens are candidates and the mass is
+        taken relative to them (top-p after top-k).
+
+    Returns:
+      bool [..., V]: True for kept tokens. Tokens tied with the least likely kept one are
+      kept too. Found by bisection over the float32 bit patterns of the probabilities,
+      which is exact and needs no sort.
+    """
+    logits = jnp.asarray(logits, jnp.float32)
+    if where is not None:
+        logits = jnp.where(where, logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1)
+    # Positive float32 values order like their int32 bit patterns.
+    bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
+    target = jnp.asarray(top_p, jnp.float32) * jnp.sum(probs, axis=-1, keepdims=True)
+    shape = probs.shape[:-1] + (1,)
+    lo = jnp.zeros(shape, jnp.int32)  # invariant: mass(probs >= lo) >= target
+    hi = jnp.full(shape, 0x3F800001, jnp.int32)  # just above 1.0: mass(probs >= hi) = 0
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        mass = jnp.sum(jnp.where(bits >= mid, probs, 0.0), axis=-1, keepdims=True)
+        ok = mass >= target
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, 31, halve, (lo, hi))
+    keep = bits >= jnp.maximum(lo, 1)  # never keep zero-probability tokens...
+    # ...unless rounding left nothing: then the most likely token alone.
+    best = jax.nn.one_hot(jnp.argmax(probs, axis=-1), probs.shape[-1], dtype=bool)
+    return jnp.where(jnp.any(keep, axis=-1, keepdims=True), keep, best)
+
+
+def _search(cum: jax.Array, weights: jax.Array, x: jax.Array) -> jax.Array:
+    """Index of the first entry with cum > x, clamped to the last positive weight."""
+    n = cum.shape[-1]
+    idx = jnp.sum(cum <= x[:, None], axis=-1, dtype=jnp.int32)
+    last = n - 1 - jnp.argmax(weights[:, ::-1] > 0, axis=-1).astype(jnp.int32)
+    return jnp.minimum(idx, last)
+
+
+def _draw(weights: jax.Array, u: jax.Array) -> jax.Array:
+    """Token index per row with probability proportional to `weights` [B, V] (>= 0, not
+    all 0), by inverting the CDF at `u * total` ([B] uniforms in [0, 1)) in two levels."""
+    b, v = weights.shape
+    block = min(_CDF_BLOCK, v)
+    nb = -(-v // block)
+    if nb * block != v:
+        weights = jnp.pad(weights, ((0, 0), (0, nb * block - v)))
+    blocks = weights.reshape(b, nb, block)
+    sums = jnp.sum(blocks, axis=-1)  # [B, nb]
+    csum = jnp.cumsum(sums, axis=-1)
+    x = u * csum[:, -1]
+    bi = _search(csum, sums, x)
+    below = jnp.take_along_axis(csum - sums, bi[:, None], axis=1)[:, 0]
+    inner = jnp.take_along_axis(blocks, bi[:, None, None], axis=1)[:, 0]  # [B, block]
+    ji = _search(jnp.cumsum(inner, axis=-1), inner, jnp.maximum(x - below, 0.0))
+    return bi * block + ji
+
+
+def sample_logits(logits: jax.Array, rng: jax.Array, temperature: jax.Array | float = 1.0,
+                  top_k: int = 0, top_p: jax.Array | float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """Draws one token per row.
+
+    Args:
+      logits: float [B, V].
+      rng: a PRNG key.
+      temperature: scalar (traced is fine); <= 0 means greedy (argmax).
+      top_k: static; keep the k largest logits (ties included); 0 or >= V: off.
+      top_p: scalar (traced is fine) in (0, 1]; nucleus filter after top-k; 1: off.
+
+    Returns:
+      (tokens int32 [B], logprobs float32 [B]): the log-probability of each token under
+      `log_softmax(logits / temperature)` before any truncation (raw logits if greedy).
+    """
+    logits = jnp.asarray(logits, jnp.float32)
+    temperature = jnp.asarray(temperature, jnp.float32)
+    top_p = jnp.asarray(top_p, jnp.float32)
+    vocab = logits.shape[-1]
+
+    def greedy(logits):
+        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        return tok, jnp.take_along_axis(logits, tok[:, None], axis=1)[:, 0] - lse
+
+    def sample(logits):
+        scaled = logits / temperature
+        lse = jax.nn.logsumexp(scaled, axis=-1, keepdims=True)
+        probs = jnp.exp(scaled - lse)
+        keep = None
+        if 0 < top_k < vocab:
+            # min of the top k, not [..., -1]: XLA:CPU turns a sliced top_k into a full sort.
+            kth = jnp.min(jax.lax.top_k(scaled, top_k)[0], axis=-1, keepdims=True)
+            keep = scaled >= kth
+            probs = jnp.where(keep, probs, 0.0)
+        probs = jax.lax.cond(
+            top_p < 1.0,
+            lambda p: jnp.where(top_p_mask(scaled, top_p, keep), p, 0.0),
+            lambda p: p, probs)
+        u = jax.random.uniform(rng, (logits.shape[0],), jnp.float32)
+        tok = _draw(probs, u).astype(jnp.int32)
+        return tok, jnp.take_along_axis(scaled - lse, tok[:, None], axis=1)[:, 0]
+
+    return jax.lax.cond(temperature <= 0.0, greedy, sample, logits)
+
+
+# ------------------------------------------------------------------- model steps
+def left_pad(prompts: jax.Array, prompt_lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Right-padded prompts [B, P] -> left-padded tokens and segment ids (0 = padding).
+
+    Padding slots get token 0 (any id is safe: it is masked out), so the caller's padding
+    value never reaches the embedding lookup.
+    """
+    p = prompts.shape[1]
+    lengths = jnp.clip(prompt_lengths.astype(jnp.int32), 0, p)
+    src = jnp.arange(p, dtype=jnp.int32)[None, :] - (p - lengths)[:, None]
+    valid = src >= 0
+    tokens = jnp.take_along_axis(prompts.astype(jnp.int32), jnp.maximum(src, 0), axis=1)
+    return jnp.where(valid, tokens, 0), valid.astype(jnp.int32)
+
+
+def _cache_axes(cfg: ModelConfig, unstack: bool) -> KVCache:
+    axes = KVCache.logical_axes()
+    if unstack:
+        axes = axes.replace(k=(axes.k,) * cfg.num_layers, v=(axes.v,) * cfg.num_layers)
+    return axes
+
+
+def _is_names(x) -> bool:
+    return isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x)
+
+
+def _constrain_cache(cache: KVCache, axes: KVCache) -> KVCache:
+    return jax.tree.map(lambda names, x: constrain(x, names) if names else x,
+                        axes, cache, is_leaf=_is_names)
+
+
+def _init_cache(cfg: ModelConfig, batch: int, max_len: int, unstack: bool) -> KVCache:
+    cache = KVCache.init(cfg, batch, max_len)
+    if unstack:  # one buffer per layer: k and v are tuples of [1, B, S, KV, hd]
+        shape, n = (1,) + cache.k.shape[1:], cfg.num_layers
+        cache = cache.replace(k=tuple(jnp.zeros(shape, cache.k.dtype) for _ in range(n)),
+                              v=tuple(jnp.zeros(shape, cache.v.dtype) for _ in range(n)))
+    return cache
+
+
+class _Runner:
+    """`Transformer(cfg)` as the sampler runs it, inside `jit`.
+
+    With `unstack`, the stacked layer parameters are sliced into per-layer arrays once
+    (cast to the compute dtype) and the cache keeps one buffer per layer (k and v are
+    tuples of [1, B, S, KV, hd]); the layers then run unrolled. This is for XLA:CPU, which
+    copies every layer's weights out of the stack at every decode step when the layers
+    are scanned (about 20% of a tiny-llama step); on accelerators the stacked model is
+    used as is and no parameter copy is made.
+    """
+
+    def __init__(self, cfg: ModelConfig, params, unstack: bool):
+        self.cfg, self.params, self.unstack = cfg, params, unstack
+        self.axes = _cache_axes(cfg, unstack)
+        if unstack:
+            dtype = dtype_of(cfg.dtype)
+            self.layers = [jax.tree.map(lambda x: x[i].astype(dtype), params["layers"])
+                           for i in range(cfg.num_layers)]
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        return _constrain_cache(_init_cache(self.cfg, batch, max_len, self.unstack), self.axes)
+
+    def __call__(self, tokens: jax.Array, segment_ids: jax.Array, cache: KVCache,
+                 last_only: bool = False) -> tuple[jax.Array, KVCache]:
+        """Writes `tokens` [B, T] to the cache; logits [B, T, V] (or [B, V] of the last)."""
+        if self.unstack:
+            hidden, cache = self._forward_unstacked(tokens, segment_ids, cache)
+        else:
+            hidden, cache = Transformer(self.cfg).apply(
+                {"params": self.params}, tokens, segment_ids=segment_ids, cache=cache,
+                return_hidden=True)
+        if last_only:
+            hidden = hidden[:, -1]
+        return self._lm_head(hidden), _constrain_cache(cache, self.axes)
+
+    def _forward_unstacked(self, tokens, segment_ids, cache):
+        # Mirrors Transformer.__call__ on its cache path, one layer after the other.
+        cfg = self.cfg
+        valid = segment_ids != 0
+        seen = jnp.sum(cache.key_mask, axis=1, dtype=jnp.int32)[:, None]
+        positions = jnp.maximum(seen + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
+        index = cache.index
+        key_mask = jax.lax.dynamic_update_slice(cache.key_mask, valid, (0, index))
+        mask = make_cache_mask(key_mask, index, tokens.shape[1])
+        cos, sin = rope_tables(cfg, positions)
+        embedding = self.params["embed_tokens"]["embedding"]
+        x = jnp.take(embedding, tokens, axis=0).astype(dtype_of(cfg.dtype))
+        x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+        ks, vs = [], []
+        for layer, k, v in zip(self.layers, cache.k, cache.v):
+            (x, (k, v, _)), _ = DecoderLayer(cfg).apply(
+                {"params": layer}, (x, (k, v, jnp.zeros((), jnp.int32))), cos, sin, mask, index)
+            ks.append(k)
+            vs.append(v)
+        x = RMSNorm(cfg.rms_norm_eps, cfg).apply({"params": self.params["norm"]}, x)
+        new = KVCache(k=tuple(ks), v=tuple(vs), key_mask=key_mask, index=index + tokens.shape[1])
+        return x, new
+
+    def _lm_head(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits of final normed hidden states (the model's output projection)."""
+        cfg, params = self.cfg, self.params
+        dtype = dtype_of(cfg.dtype)
+        if cfg.tie_embeddings:
+            w = params["embed_tokens"]["embedding"].T
+        else:
+            w = params["lm_head"]["kernel"]
+        logits = jnp.dot(hidden.astype(dtype), w.astype(dtype)).astype(jnp.float32)
+        names = (("activation_batch", "activation_vocab") if hidden.ndim == 2 else
+                 ("activation_batch", "activation_length", "activation_vocab"))
+        return constrain(logits, names)
+
+
+def _prefill(runner: _Runner, prompts: jax.Array, prompt_lengths: jax.Array,
+             max_len: int) -> tuple[jax.Array, KVCache]:
+    """Prompts (right-padded) -> logits [B, V] of the token after each prompt, and the
+    cache (index P). Left padding puts every row's last prompt token at P - 1."""
+    tokens, segment_ids = left_pad(prompts, prompt_lengths)
+    cache = runner.init_cache(prompts.shape[0], max_len)
+    return runner(tokens, segment_ids, cache, last_only=True)
+
+
+def _decode_step(runner: _Runner, tokens: jax.Array, active: jax.Array,
+                 cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """One token per row -> next-token logits [B, V]; inactive rows are cached as padding."""
+    logits, cache = runner(jnp.where(active, tokens, 0)[:, None],
+                           active.astype(jnp.int32)[:, None], cache)
+    return logits[:, 0], cache
+
+
+class _LoopState(NamedTuple):
+    step: jax.Array  # int32: index of the token sampled next
+    cache: KVCache
+    logits: jax.Array  # float32 [B, V]: next-token logits of every row
+    done: jax.Array  # bool [B]: the row has emitted a stop token
+    tokens: jax.Array  # int32 [B, N]
+    logprobs: jax.Array  # float32 [B, N]
+    lengths: jax.Array  # int32 [B]
+
+
+def _decode(runner: _Runner, logits: jax.Array, cache: KVCache, rng: jax.Array,
+            temperature: jax.Array, top_p: jax.Array, *, max_new_tokens: int, top_k: int,
+            stop_ids: tuple[int, ...], pad_id: int) -> tuple[SampleOutput, KVCache]:
+    """The decode loop: sample from `logits`, feed the token back, repeat.
+
+    One `lax.while_loop` that stops once every row has emitted one of `stop_ids`; it
+    runs at most `max_new_tokens - 1` forward steps. Step t draws with
+    `jax.random.fold_in(rng, t)`.
+    """
+    b = logits.shape[0]
+    stops = jnp.asarray(stop_ids, jnp.int32)
+
+    def cond(state: _LoopState):
+        return (state.step < max_new_tokens) & ~jnp.all(state.done)
+
+    def body(state: _LoopState) -> _LoopState:
+        tok, lp = sample_logits(state.logits, jax.random.fold_in(rng, state.step),
+                                temperature, top_k, top_p)
+        alive = ~state.done
+        done = state.done
+        if stop_ids:
+            done = done | jnp.any(tok[:, None] == stops[None, :], axis=-1)
+        step = state.step + 1
+        # The forward pass for the next step, skipped after the last token.
+        logits, cache = jax.lax.cond(
+            step < max_new_tokens,
+            lambda c: _decode_step(runner, tok, ~done, c),
+            lambda c: (state.logits, c), state.cache)
+        col = (0, state.step)
+        return _LoopState(
+            step=step, cache=cache, logits=logits, done=done,
+            tokens=jax.lax.dynamic_update_slice(
+                state.tokens, jnp.where(alive, tok, pad_id)[:, None], col),
+            logprobs=jax.lax.dynamic_update_slice(
+                state.logprobs, jnp.where(alive, lp, 0.0)[:, None], col),
+            lengths=state.lengths + alive.astype(jnp.int32))
+
+    state = _LoopState(
+        step=jnp.zeros((), jnp.int32), cache=cache, logits=logits.astype(jnp.float32),
+        done=jnp.zeros((b,), bool),
+        tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+        logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
+        lengths=jnp.zeros((b,), jnp.int32))
+    state = jax.lax.while_loop(cond, body, state)
+    out = SampleOutput(tokens=state.tokens, logprobs=state.logprobs, lengths=state.lengths,
+                       truncated=~state.done)
+    return out, state.cache
+
+
+# ---------------------------------------------------------------------- front ends
+def _check_inputs(prompts, prompt_lengths) -> None:
+    if prompts.ndim != 2:
+        raise ValueError(f"prompts must be int [batch, prompt_len], got shape {prompts.shape}")
+    if prompt_lengths.shape != prompts.shape[:1]:
+        raise ValueError(
+            f"prompt_lengths must have shape [batch]={prompts.shape[:1]}, got "
+            f"{prompt_lengths.shape}")
+    for name, x in (("prompts", prompts), ("prompt_lengths", prompt_lengths)):
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"{name} must be integers, got dtype {x.dtype}")
+    if isinstance(prompt_lengths, jax.core.Tracer):
+        return
+    lengths = np.asarray(prompt_lengths)
+    bad = np.flatnonzero((lengths < 1) | (lengths > prompts.shape[1]))
+    if bad.size:
+        raise ValueError(
+            f"prompt_lengths[{bad[0]}]={lengths[bad[0]]} is outside [1, {prompts.shape[1]}]: "
+            f"prompts is right-padded to {prompts.shape[1]} columns and empty prompts are "
+            "not supported")
+
+
+def _static_args(model_cfg: ModelConfig, cfg: SamplingConfig) -> dict[str, Any]:
+    top_k = int(cfg.top_k) if cfg.top_k < model_cfg.vocab_size else 0
+    return dict(max_new_tokens=int(cfg.max_new_tokens), top_k=top_k,
+                stop_ids=cfg.stop_tokens(model_cfg), pad_id=int(cfg.pad_id))
+
+
+def _default_unstack(mesh: Mesh | None) -> bool:
+    platform = (jax.devices()[0] if mesh is None else mesh.devices.flat[0]).platform
+    return platform == "cpu"
+
+
+def _rules(mesh: Mesh | None, rules):
+    return contextlib.nullcontext() if mesh is None else shd.logical_rules(mesh, rules)
+
+
+def generate(model_cfg: ModelConfig, params, prompts: jax.Array, prompt_lengths: jax.Array,
+             rng: jax.Array, cfg: SamplingConfig = SamplingConfig(), *,
+             mesh: Mesh | None = None, rules=shd.DEFAULT_RULES,
+             unstack_layers: bool | None = None) -> SampleOutput:
+    """Samples completions; a pure function of its arguments, usable inside `jax.jit`.
+
+    For repeated calls prefer `Sampler`, which compiles once, places inputs on the mesh
+    and donates the cache.
+
+    Args:
+      model_cfg: the model's config.
+      params: its parameters.
+      prompts: int [B, P], right-padded (any padding value).
+      prompt_lengths: int [B], each in [1, P] (checked when not traced).
+      rng: a PRNG key; the same key gives the same output.
+      cfg: sampling settings.
+      mesh: when set, activations are constrained with `rules` on this mesh.
+      rules: logical-axis rules (see `jaxpost.sharding`).
+      unstack_layers: run the layers unrolled from per-layer copies of the weights (see
+        `Sampler`); default: on CPU only.
+
+    Returns:
+      A `SampleOutput`.
+    """
+    prompts = jnp.asarray(prompts)
+    prompt_lengths = jnp.asarray(prompt_lengths)
+    _check_inputs(prompts, prompt_lengths)
+    if unstack_layers is None:
+        unstack_layers = _default_unstack(mesh)
+    with _rules(mesh, rules):
+        runner = _Runner(model_cfg, params, unstack_layers)
+        logits, cache = _prefill(runner, prompts, prompt_lengths,
+                                 prompts.shape[1] + cfg.max_new_tokens)
+        out, _ = _decode(runner, logits, cache, rng, jnp.float32(cfg.temperature),
+                         jnp.float32(cfg.top_p), **_static_args(model_cfg, cfg))
+    return out
+
+
+class Sampler:
+    """Compiled sampling for one model (and optionally one mesh).
+
+    `Sampler(model_cfg)(params, prompts, prompt_lengths, rng, cfg)` dispatches a jitted
+    prefill, then a jitted decode loop that donates the KV cache; nothing waits on the
+    host in between. Compiled functions are kept per (batch, prompt length, static
+    sampling settings: `max_new_tokens`, `top_k`, stop ids, `pad_id`); temperature and
+    top-p are traced, so changing them never recompiles.
+
+    With a mesh, both functions are jitted with explicit shardings: parameters by
+    `sharding.param_shardings`, prompts and outputs by the `batch` rule, the cache by
+    `KVCache.logical_axes()`. Host (NumPy) inputs are placed accordingly; on several hosts
+    pass global arrays (e.g. from `sharding.shard_batch`).
+
+    Args:
+      model_cfg: the model's config.
+      mesh: optional device mesh (see `sharding.make_mesh`).
+      rules: logical-axis rules.
+      unstack_layers: inside each call, copy the stacked layer weights into per-layer
+        arrays once and keep one cache buffer per layer, so that decode steps read them
+        in place (XLA:CPU otherwise copies every layer's weights out of the stack at every
+        step). Costs one extra copy of the layer weights while sampling. Default: True on
+        CPU, False elsewhere.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, mesh: Mesh | None = None,
+                 rules=shd.DEFAULT_RULES, unstack_layers: bool | None = None):
+        self.model_cfg = model_cfg
+        self.mesh = mesh
+        self.rules = rules
+        self.unstack_layers = (_default_unstack(mesh) if unstack_layers is None
+                               else unstack_layers)
+        self._param_shardings = (None if mesh is None
+                                 else shd.param_shardings(model_cfg, mesh, rules))
+        self._compiled: dict[tuple, Callable] = {}  # jitted prefill / decode functions
+
+    def _named(self, names, shape) -> NamedSharding:
+        return NamedSharding(self.mesh, shd.logical_to_spec(names, shape, self.mesh, self.rules))
+
+    def _cache_shardings(self, batch: int, max_len: int):
+        shapes = jax.eval_shape(
+            lambda: _init_cache(self.model_cfg, batch, max_len, self.unstack_layers))
+        return shd.logical_to_shardings(_cache_axes(self.model_cfg, self.unstack_layers),
+                                        shapes, self.mesh, self.rules)
+
+    def _prefill_fn(self, batch: int, prompt_len: int, max_len: int) -> Callable:
+        key = ("prefill", batch, prompt_len, max_len)
+        if key not in self._compiled:
+            cfg, mesh, rules, unstack = self.model_cfg, self.mesh, self.rules, self.unstack_layers
+
+            def prefill_fn(params, prompts, prompt_lengths):
+                with _rules(mesh, rules):
+                    return _prefill(_Runner(cfg, params, unstack), prompts, prompt_lengths,
+                                    max_len)
+
+            if mesh is None:
+                self._compiled[key] = jax.jit(prefill_fn)
+            else:
+                rows = self._named(("batch",), (batch,))
+                self._compiled[key] = jax.jit(
+                    prefill_fn,
+                    in_shardings=(self._param_shardings,
+                                  self._named(("batch", None), (batch, prompt_len)), rows),
+                    out_shardings=(self._logits_sharding(batch),
+                                   self._cache_shardings(batch, max_len)))
+        return self._compiled[key]
+
+    def _logits_sharding(self, batch: int) -> NamedSharding:
+        return self._named(("batch", "activation_vocab"), (batch, self.model_cfg.vocab_size))
+
+    def _decode_fn(self, batch: int, max_len: int, static: dict[str, Any]) -> Callable:
+        key = ("decode", batch, max_len, tuple(sorted(static.items())))
+        if key not in self._compiled:
+            cfg, mesh, rules, unstack = self.model_cfg, self.mesh, self.rules, self.unstack_layers
+
+            def decode_fn(params, logits, cache, rng, temperature, top_p):
+                with _rules(mesh, rules):
+                    return _decode(_Runner(cfg, params, unstack), logits, cache, rng,
+                                   temperature, top_p, **static)
+
+            if mesh is None:
+                self._compiled[key] = jax.jit(decode_fn, donate_argnums=2)
+            else:
+                cache_sh = self._cache_shardings(batch, max_len)
+                rows = self._named(("batch",), (batch,))
+                out_rows = self._named(("batch", None), (batch, static["max_new_tokens"]))
+                rep = NamedSharding(mesh, P())
+                out_sh = SampleOutput(tokens=out_rows, logprobs=out_rows, lengths=rows,
+                                      truncated=rows)
+                self._compiled[key] = jax.jit(
+                    decode_fn,
+                    in_shardings=(self._param_shardings, self._logits_sharding(batch), cache_sh,
+                                  rep, rep, rep),
+                    out_shardings=(out_sh, cache_sh), donate_argnums=2)
+        return self._compiled[key]
+
+    def __call__(self, params, prompts: jax.Array, prompt_lengths: jax.Array, rng: jax.Array,
+                 cfg: SamplingConfig = SamplingConfig()) -> SampleOutput:
+        """Samples completions of right-padded `prompts` [B, P] with `prompt_lengths` [B].
+
+        Args:
+          params: the model's parameters.
+          prompts: int [B, P], right-padded (any padding value).
+          prompt_lengths: int [B], each in [1, P].
+          rng: a PRNG key; the same key gives the same output.
+          cfg: sampling settings.
+
+        Returns:
+          A `SampleOutput` (dispatched asynchronously, like any jitted result).
+        """
+        if not isinstance(prompts, jax.Array):
+            prompts = np.asarray(prompts)
+        if not isinstance(prompt_lengths, jax.Array):
+            prompt_lengths = np.asarray(prompt_lengths)
+        _check_inputs(prompts, prompt_lengths)
+        prompts = prompts.astype(np.int32) if prompts.dtype != np.int32 else prompts
+        if prompt_lengths.dtype != np.int32:
+            prompt_lengths = prompt_lengths.astype(np.int32)
+        static = _static_args(self.model_cfg, cfg)
+        batch, prompt_len = prompts.shape
+        max_len = prompt_len + static["max_new_tokens"]
+        prefill_fn = self._prefill_fn(batch, prompt_len, max_len)
+        decode_fn = self._decode_fn(batch, max_len, static)
+        if self.mesh is not None:
+            params = jax.device_put(params, self._param_shardings)
+            prompts = jax.device_put(prompts, self._named(("batch", None), prompts.shape))
+            prompt_lengths = jax.device_put(prompt_lengths, self._named(("batch",), (batch,)))
+        logits, cache = prefill_fn(params, prompts, prompt_lengths)
+        out, _ = decode_fn(params, logits, cache, rng, jnp.float32(cfg.temperature),
+                           jnp.float32(cfg.top_p))
+        return out
