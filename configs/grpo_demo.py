@@ -1,7 +1,7 @@
 """GRPO demo: exact-answer rewards raise held-out addition accuracy over the SFT start.
 
 Starts from the SFT demo's params: set `model.init_from` to its workdir, or leave it
-empty and the recipe first trains `configs/sft_demo.py` (shortened) into WORKDIR/sft_init.
+empty and the recipe first trains `configs/sft_demo.py` into WORKDIR/sft_init.
 
     python -m jaxpost.train --config=configs/grpo_demo.py --config.workdir=/tmp/grpo_demo
 """
@@ -20,7 +20,7 @@ def get_config() -> ConfigDict:
     cfg.checkpoint_every = 30
     cfg.eval_every = 30
     cfg.init_sft_config = "configs/sft_demo.py"
-    cfg.init_sft_steps = 150
+    cfg.init_sft_steps = 0  # the SFT demo's own 800 steps
     # The model shape must match the SFT recipe's.
     for key, value in (("hidden_size", 128), ("intermediate_size", 384), ("num_layers", 4),
                        ("num_heads", 4), ("num_kv_heads", 2), ("head_dim", 32)):
@@ -41,6 +41,11 @@ def get_config() -> ConfigDict:
     cfg.optimizer.schedule = "constant"
     cfg.optimizer.warmup_steps = 0
     cfg.optimizer.weight_decay = 0.0
+    # Accuracy as DAPO reports it: avg@k of sampled completions at the rollout temperature,
+    # measured on held-out prompts before (step 0) and after training.
+    cfg.eval_at_start = True
     cfg.eval.task = "synthetic:addition:2"
-    cfg.eval.num_prompts = 200
+    cfg.eval.num_prompts = 100
+    cfg.eval.temperature = 1.0
+    cfg.eval.num_samples = 4
     return cfg

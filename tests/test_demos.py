@@ -10,7 +10,7 @@ from jaxpost.train.__main__ import load_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: Held-out exact match the SFT demo must reach (chance is about 1/150 for 2-digit sums).
-SFT_ACCURACY_BAR = 0.2
+SFT_ACCURACY_BAR = 0.3
 
 
 def recipe(name, workdir, **overrides):
@@ -47,5 +47,5 @@ def test_grpo_demo_improves_heldout_accuracy_over_its_sft_start(sft_demo, tmp_pa
     sft_workdir, sft_result = sft_demo
     cfg, train = recipe("grpo_demo", tmp_path, **{"model.init_from": str(sft_workdir)})
     result = train(cfg)
-    start = sft_result.eval_metrics["eval_accuracy"]
+    start = result.start_eval_metrics["eval_accuracy"]  # the SFT params, same prompts and rng
     assert result.eval_metrics["eval_accuracy"] > start, (start, result.eval_metrics)

@@ -52,6 +52,8 @@ class EvalSection:
     num_prompts: int = 200  # held-out prompts per evaluation
     batch_size: int = 50  # prompts per sampler call
     max_new_tokens: int = 8  # completion budget
+    temperature: float = 0.0  # 0: greedy; > 0: sampled, accuracy averaged over num_samples (avg@k)
+    num_samples: int = 1  # completions per prompt when sampling (DAPO reports avg@32 at T=1)
 
     def __post_init__(self):
         if self.task:
@@ -74,11 +76,14 @@ class GenerationEval:
             self._prompts = synthetic.addition_prompts(
                 self.tokenizer, e.num_prompts, seed=self.seed, split="heldout",
                 max_digits=synthetic.parse_spec(e.task))
-        sampling = SamplingConfig(max_new_tokens=e.max_new_tokens, temperature=0.0,
+        sampling = SamplingConfig(max_new_tokens=e.max_new_tokens, temperature=e.temperature,
                                   eos_ids=(self.tokenizer.eos_id,), pad_id=self.tokenizer.pad_id)
-        return generation_accuracy(self.sampler, params, self.tokenizer, self._prompts,
+        repeats = e.num_samples if e.temperature > 0 else 1
+        # The same rng at every evaluation: differences between steps come from the params.
+        return generation_accuracy(self.sampler, params, self.tokenizer,
+                                   [p for p in self._prompts for _ in range(repeats)],
                                    synthetic.exact_match, sampling, batch_size=e.batch_size,
-                                   rng=jax.random.key(step))
+                                   rng=jax.random.key(self.seed))
 
 
 @dataclasses.dataclass(frozen=True)

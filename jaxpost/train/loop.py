@@ -58,6 +58,7 @@ class LoopConfig:
     log_every: int = 10  # write metrics every this many steps (and at the last)
     checkpoint_every: int = 100  # save every this many steps (and at the last); 0: last only
     eval_every: int = 0  # evaluate every this many steps (and at the last); 0: never
+    eval_at_start: bool = False  # also evaluate the starting params (logged as step 0)
     keep_checkpoints: int = 3  # how many recent checkpoints to keep
     grad_accum_steps: int = 1  # micro-batches per optimizer step (batch rows must divide)
     async_checkpoints: bool = True  # write checkpoints in the background
@@ -67,8 +68,9 @@ class LoopConfig:
 class LoopResult:
     state: TrainState
     last_metrics: dict[str, float]
-    eval_metrics: dict[str, float]
+    eval_metrics: dict[str, float]  # the last evaluation
     preempted: bool
+    start_eval_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # eval_at_start
 
 
 def _is_due(step: int, every: int, last: int) -> bool:
@@ -121,6 +123,10 @@ def run(cfg: LoopConfig, task: Task, *, init_params: Callable[[], Any], abstract
     last: dict[str, float] = {}
     evals: dict[str, float] = {}
     preempted = False
+    start_evals: dict[str, float] = {}
+    if cfg.eval_at_start and step == 0:
+        start_evals = {f"eval_{k}": v for k, v in task.evaluate(state.params, 0).items()}
+        writer.write(0, start_evals)
     try:
         with PreemptionGuard() as guard:
             while step < cfg.steps:
@@ -168,7 +174,8 @@ def run(cfg: LoopConfig, task: Task, *, init_params: Callable[[], Any], abstract
         ckpt.wait()
         ckpt.close()
         writer.close()
-    return LoopResult(state=state, last_metrics=last, eval_metrics=evals, preempted=preempted)
+    return LoopResult(state=state, last_metrics=last, eval_metrics=evals, preempted=preempted,
+                      start_eval_metrics=start_evals)
 
 
 __all__ = ["LoopConfig", "LoopResult", "NonFiniteLossError", "Task", "run"]
