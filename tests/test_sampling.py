@@ -8,7 +8,8 @@ import pytest
 
 from jaxpost import sampling
 from jaxpost.models import Transformer, param_shapes, tiny
-from jaxpost.sampling import SampleOutput, Sampler, SamplingConfig, generate, sample_logits, top_p_mask
+from jaxpost.sampling import (
+    SampleOutput, Sampler, SamplingConfig, generate, sample_logits, top_p_mask)
 from jaxpost.sharding import MeshConfig, make_mesh
 
 # A larger init than the default gives peaked next-token distributions: clear argmax
