@@ -1,5 +1,9 @@
 """GRPO demo: exact-answer rewards raise held-out addition accuracy over the SFT start.
 
+Measured on this 2-core CPU from the SFT demo's checkpoint (greedy accuracy 0.54):
+held-out avg@4 at T=1 went 0.365 -> 0.41 in 80 steps (about 100 s), train reward
+0.27 -> 0.6.
+
 Starts from the SFT demo's params: set `model.init_from` to its workdir, or leave it
 empty and the recipe first trains `configs/sft_demo.py` into WORKDIR/sft_init.
 
@@ -15,10 +19,10 @@ from jaxpost.train.grpo import GRPOConfig
 def get_config() -> ConfigDict:
     cfg = to_config_dict(GRPOConfig())
     cfg.seed = 0
-    cfg.steps = 60
+    cfg.steps = 80
     cfg.log_every = 5
-    cfg.checkpoint_every = 30
-    cfg.eval_every = 30
+    cfg.checkpoint_every = 40
+    cfg.eval_every = 40
     cfg.init_sft_config = "configs/sft_demo.py"
     cfg.init_sft_steps = 0  # the SFT demo's own 800 steps
     # The model shape must match the SFT recipe's.
@@ -34,10 +38,10 @@ def get_config() -> ConfigDict:
     cfg.grpo.temperature = 1.0
     cfg.grpo.beta = 0.04
     cfg.grpo.loss_type = "grpo"
-    cfg.grpo.num_iterations = 2
+    cfg.grpo.num_iterations = 1
     cfg.reward_fns = ("jaxpost.rl.rewards:exact_answer",)
     cfg.reward_weights = (1.0,)
-    cfg.optimizer.lr = 3e-4
+    cfg.optimizer.lr = 1e-4
     cfg.optimizer.schedule = "constant"
     cfg.optimizer.warmup_steps = 0
     cfg.optimizer.weight_decay = 0.0
@@ -45,7 +49,7 @@ def get_config() -> ConfigDict:
     # measured on held-out prompts before (step 0) and after training.
     cfg.eval_at_start = True
     cfg.eval.task = "synthetic:addition:2"
-    cfg.eval.num_prompts = 100
+    cfg.eval.num_prompts = 200
     cfg.eval.temperature = 1.0
     cfg.eval.num_samples = 4
     return cfg
