@@ -1,5 +1,7 @@
 """Properties of the Linen transformer that hold without a reference implementation."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,16 @@ import pytest
 from jaxpost.models import KVCache, ModelConfig, Transformer, init_params, tiny
 
 FAMILIES = ("llama", "qwen2", "qwen3")
+
+
+@functools.lru_cache(maxsize=None)
+def _apply(cfg):
+    """Jitted `Transformer(cfg).apply` (eager Flax runs op by op: slow on CPU)."""
+    def forward(params, tokens, positions=None, segment_ids=None, cache=None, return_hidden=False):
+        return Transformer(cfg).apply({"params": params}, tokens, positions=positions,
+                                      segment_ids=segment_ids, cache=cache,
+                                      return_hidden=return_hidden)
+    return jax.jit(forward, static_argnames=("return_hidden",))
 
 
 def _tokens(b, t, seed=1, vocab=256):
@@ -42,12 +54,12 @@ def test_scan_unrolled_and_remat_give_the_same_logits(family):
     cfg = tiny(family)
     params = init_params(cfg, jax.random.key(0))
     tokens = _tokens(2, 9)
-    ref = Transformer(cfg).apply({"params": params}, tokens)
+    ref = _apply(cfg)(params, tokens)
     chex.assert_shape(ref, (2, 9, cfg.vocab_size))
     assert ref.dtype == jnp.float32
     for variant in (cfg.replace(scan_layers=False), cfg.replace(remat_policy="full"),
                     cfg.replace(scan_layers=False, remat_policy="dots")):
-        out = Transformer(variant).apply({"params": params}, tokens)
+        out = _apply(variant)(params, tokens)
         np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -56,12 +68,12 @@ def test_chunked_kv_cache_equals_full_forward(family):
     cfg = tiny(family)
     params = init_params(cfg, jax.random.key(0))
     tokens = _tokens(2, 11)
-    model = Transformer(cfg)
-    full = model.apply({"params": params}, tokens)
+    model = _apply(cfg)
+    full = model(params, tokens)
     cache = KVCache.init(cfg, 2, 16)
     outs = []
     for lo, hi in ((0, 5), (5, 6), (6, 11)):
-        logits, cache = model.apply({"params": params}, tokens[:, lo:hi], cache=cache)
+        logits, cache = model(params, tokens[:, lo:hi], cache=cache)
         outs.append(logits)
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5, rtol=1e-5)
     assert int(cache.index) == 11 and bool(cache.key_mask[:, :11].all())
@@ -70,12 +82,12 @@ def test_chunked_kv_cache_equals_full_forward(family):
 def test_left_padded_rows_in_cache_match_unpadded_rows():
     cfg = tiny("llama")
     params = init_params(cfg, jax.random.key(0))
-    model = Transformer(cfg)
+    model = _apply(cfg)
     short = _tokens(1, 4, seed=3)
     padded = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), short], axis=1)
     seg = jnp.array([[0, 0, 0, 1, 1, 1, 1]])
-    out, _ = model.apply({"params": params}, padded, segment_ids=seg, cache=KVCache.init(cfg, 1, 8))
-    ref = model.apply({"params": params}, short)
+    out, _ = model(params, padded, segment_ids=seg, cache=KVCache.init(cfg, 1, 8))
+    ref = model(params, short)
     np.testing.assert_allclose(out[:, 3:], ref, atol=1e-5, rtol=1e-5)
     assert bool(jnp.isfinite(out).all())
 
@@ -83,14 +95,14 @@ def test_left_padded_rows_in_cache_match_unpadded_rows():
 def test_packed_segments_equal_separate_forwards():
     cfg = tiny("qwen3")
     params = init_params(cfg, jax.random.key(0))
-    model = Transformer(cfg)
+    model = _apply(cfg)
     a, b = _tokens(1, 5, seed=4), _tokens(1, 3, seed=5)
     packed = jnp.concatenate([a, b, jnp.zeros((1, 2), jnp.int32)], axis=1)
     seg = jnp.array([[1] * 5 + [2] * 3 + [0] * 2])
     pos = jnp.array([[0, 1, 2, 3, 4, 0, 1, 2, 0, 0]])
-    out = model.apply({"params": params}, packed, positions=pos, segment_ids=seg)
-    np.testing.assert_allclose(out[:, :5], model.apply({"params": params}, a), atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(out[:, 5:8], model.apply({"params": params}, b), atol=1e-5, rtol=1e-5)
+    out = model(params, packed, positions=pos, segment_ids=seg)
+    np.testing.assert_allclose(out[:, :5], model(params, a), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(out[:, 5:8], model(params, b), atol=1e-5, rtol=1e-5)
     assert bool(jnp.isfinite(out).all())
 
 
@@ -98,8 +110,8 @@ def test_bfloat16_compute_with_float32_master_weights_is_close():
     cfg = tiny("llama")
     params = init_params(cfg, jax.random.key(0))
     tokens = _tokens(2, 8)
-    ref = Transformer(cfg).apply({"params": params}, tokens)
-    out = Transformer(cfg.replace(dtype="bfloat16")).apply({"params": params}, tokens)
+    ref = _apply(cfg)(params, tokens)
+    out = _apply(cfg.replace(dtype="bfloat16"))(params, tokens)
     assert out.dtype == jnp.float32
     assert float(jnp.max(jnp.abs(out - ref))) < 0.05
     bf16_params = init_params(cfg.replace(param_dtype="bfloat16"), jax.random.key(0))
@@ -110,10 +122,10 @@ def test_return_hidden_gives_final_normed_states():
     cfg = tiny("llama")
     params = init_params(cfg, jax.random.key(0))
     tokens = _tokens(2, 6)
-    hidden = Transformer(cfg).apply({"params": params}, tokens, return_hidden=True)
+    hidden = _apply(cfg)(params, tokens, return_hidden=True)
     chex.assert_shape(hidden, (2, 6, cfg.hidden_size))
     logits = hidden @ params["lm_head"]["kernel"]
-    np.testing.assert_allclose(logits, Transformer(cfg).apply({"params": params}, tokens),
+    np.testing.assert_allclose(logits, _apply(cfg)(params, tokens),
                                atol=1e-5, rtol=1e-5)
 
 

@@ -75,7 +75,8 @@ def test_grad_accumulation_8x1_equals_1x8_with_uneven_token_counts():
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
     # The mean of per-micro-batch means (the common bug) differs from the true loss here.
     params0 = _state(opt).params
-    rows = [loss_fn(params0, jax.tree.map(lambda x: x[i:i + 1], batch), None) for i in range(8)]
+    row_loss = jax.jit(lambda p, b: loss_fn(p, b, None))
+    rows = [row_loss(params0, jax.tree.map(lambda x: x[i:i + 1], batch)) for i in range(8)]
     naive = np.mean([float(s) / float(c) for s, c, _ in rows])
     assert abs(naive - float(m1["loss"])) > 1e-3
 
