@@ -12,7 +12,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from jaxpost.checkpoint import Checkpointer
-from jaxpost.models import ModelConfig, RopeScaling, to_hf
+from jaxpost.models import ModelConfig, to_hf
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (holds checkpoints/).")
 _OUT = flags.DEFINE_string("out", None, "Folder to write the Hugging Face model to.")
@@ -24,11 +24,7 @@ def model_config_from_metadata(metadata: dict) -> ModelConfig:
     if "model" not in metadata:
         raise ValueError("checkpoint metadata has no 'model' entry; was it written by "
                          "`python -m jaxpost.train`?")
-    fields = dict(metadata["model"])
-    if fields.get("rope_scaling"):
-        fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
-    fields["eos_token_ids"] = tuple(fields.get("eos_token_ids") or ())
-    return ModelConfig(**fields)
+    return ModelConfig.from_dict(metadata["model"])
 
 
 def export(workdir: str, out: str, step: int | None = None) -> int:

@@ -93,6 +93,15 @@ class ModelConfig:
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> "ModelConfig":
+        """Inverse of `dataclasses.asdict` (e.g. a config stored in checkpoint metadata)."""
+        fields = dict(fields)
+        if fields.get("rope_scaling"):
+            fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
+        fields["eos_token_ids"] = tuple(fields.get("eos_token_ids") or ())
+        return cls(**fields)
+
     @property
     def num_params(self) -> int:
         """Number of parameters (embedding counted once when tied)."""

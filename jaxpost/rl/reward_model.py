@@ -251,7 +251,6 @@ def load_reward_model(workdir: str, step: int | None = None, mesh=None,
         ValueError: the checkpoint is not a reward model's.
     """
     from jaxpost.checkpoint import Checkpointer
-    from jaxpost.export import model_config_from_metadata
     from jaxpost.train.common import restore_params
 
     directory = os.path.join(workdir, "checkpoints")
@@ -266,7 +265,10 @@ def load_reward_model(workdir: str, step: int | None = None, mesh=None,
         trainer = metadata.get("config", {}).get("trainer", "?")
         raise ValueError(f"{directory} (step {step}) was written by trainer {trainer!r}, not by "
                          "the 'reward_model' trainer; it has no score head")
-    model_cfg = model_config_from_metadata(metadata)
+    if "model" not in metadata:
+        raise ValueError(f"checkpoint metadata of {workdir!r} has no 'model' entry; was it "
+                         "written by `python -m jaxpost.train`?")
+    model_cfg = ModelConfig.from_dict(metadata["model"])
     if mesh is None:
         mesh = sh.make_mesh(sh.MeshConfig(), devices=jax.local_devices())
     params = restore_params(workdir, rm_param_shapes(model_cfg),
