@@ -1,12 +1,15 @@
 """GRPO demo: exact-answer rewards raise held-out addition accuracy over the SFT start.
 
-Measured on this 2-core CPU: from an SFT demo checkpoint of greedy accuracy 0.54,
-held-out avg@4 at T=1 went 0.365 -> 0.41 in 80 steps (about 100 s) and the train reward
-0.27 -> 0.6. From a stronger start (greedy 0.975, avg@4 0.93) it did not improve
-(0.93 -> 0.929), and lr 3e-4 made both starts worse: the improvement is not yet reliable.
+Measured on this 2-core CPU (held-out avg@4 at T=1, 800 samples, same prompts and rng
+before and after): from the step-400 checkpoint 0.094 -> 0.11 -> 0.121 at steps 40 / 80
+(about 2 minutes); from a step-800 checkpoint of greedy accuracy 0.54, 0.365 -> 0.41. From
+a much stronger start (greedy 0.975, avg@4 0.93) it did not improve (0.93 -> 0.929), and
+lr 3e-4 made the runs worse.
 
-Starts from the SFT demo's params: set `model.init_from` to its workdir, or leave it
-empty and the recipe first trains `configs/sft_demo.py` into WORKDIR/sft_init.
+Starts from the SFT demo's step-400 checkpoint (`model.init_step`), half way through its
+training, so that there is accuracy left to gain: set `model.init_from` to the SFT demo's
+workdir, or leave it empty and the recipe first trains `configs/sft_demo.py` into
+WORKDIR/sft_init.
 
     python -m jaxpost.train --config=configs/grpo_demo.py --config.workdir=/tmp/grpo_demo
 """
@@ -26,6 +29,7 @@ def get_config() -> ConfigDict:
     cfg.eval_every = 40
     cfg.init_sft_config = "configs/sft_demo.py"
     cfg.init_sft_steps = 0  # the SFT demo's own 800 steps
+    cfg.model.init_step = 400  # ... of which GRPO starts from the half-way checkpoint
     # The model shape must match the SFT recipe's.
     for key, value in (("hidden_size", 128), ("intermediate_size", 384), ("num_layers", 4),
                        ("num_heads", 4), ("num_kv_heads", 2), ("head_dim", 32)):

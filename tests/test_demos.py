@@ -43,13 +43,11 @@ def test_sft_demo_reaches_its_heldout_accuracy_bar(sft_demo):
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason=(
-    "not yet reliable (issue 4 stays open): from a mid-strength SFT start (avg@4 0.365) the "
-    "demo measured 0.41 after 80 steps, but in this test process the SFT demo ends far "
-    "stronger (greedy 0.975, avg@4 0.93) and GRPO then measured 0.93 -> 0.929"))
 def test_grpo_demo_improves_heldout_accuracy_over_its_sft_start(sft_demo, tmp_path):
-    sft_workdir, sft_result = sft_demo
+    sft_workdir, _ = sft_demo
+    # The recipe's own start: the SFT demo's step-400 checkpoint (model.init_step).
     cfg, train = recipe("grpo_demo", tmp_path, **{"model.init_from": str(sft_workdir)})
+    assert cfg.model.init_step == 400
     result = train(cfg)
     start = result.start_eval_metrics["eval_accuracy"]  # the SFT params, same prompts and rng
     assert result.eval_metrics["eval_accuracy"] > start, (start, result.eval_metrics)

@@ -22,6 +22,7 @@ class ModelSection:
 
     hf_path: str = ""  # local Hugging Face folder (config.json + safetensors); wins over preset
     init_from: str = ""  # a jaxpost workdir: start from the params of its latest checkpoint
+    init_step: int = 0  # with init_from: the checkpoint step to take (0 = the latest)
     preset: str = ""  # a name in jaxpost.models.PRESETS ("" = build from the fields below)
     family: str = "llama"  # "llama", "qwen2" or "qwen3" (when neither hf_path nor preset)
     vocab_size: int = 0  # 0 = the tokenizer's vocabulary size
@@ -136,7 +137,8 @@ def model_init(section: ModelSection, cfg: ModelConfig, mesh, seed: int,
                                                                  "remat_policy")})
             return params
         if section.init_from:
-            return restore_params(section.init_from, abstract, shardings)
+            return restore_params(section.init_from, abstract, shardings,
+                                  section.init_step or None)
         return jax.jit(lambda: init_params(cfg, jax.random.key(seed)), out_shardings=shardings)()
 
     return init, abstract, shardings

@@ -315,7 +315,8 @@ def _init_sft(cfg: GRPOConfig) -> ModelSection:
     sft_cfg = to_dataclass(sft.SFTConfig, sft_dict, where="init_sft_config")
     log.info("training the SFT warm-up into %s", sft_cfg.workdir)
     sft.train(sft_cfg)
-    return dataclasses.replace(sft_cfg.model, init_from=sft_cfg.workdir)
+    return dataclasses.replace(sft_cfg.model, init_from=sft_cfg.workdir,
+                               init_step=cfg.model.init_step)
 
 
 def train(cfg: GRPOConfig):
