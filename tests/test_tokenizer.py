@@ -15,7 +15,6 @@ from jaxpost.tokenizer import (
     render_chat_template,
 )
 from tests.tokenizer_testing import (
-    CHATML_TEMPLATE,
     INST_TEMPLATE,
     make_hf_tokenizer_dir,
     make_sentencepiece_model,
