@@ -11,10 +11,14 @@ from jaxpost.sampling import Sampler, SamplingConfig
 from jaxpost.tokenizer import Tokenizer
 
 
-def pad_prompts(prompt_ids: Sequence[Sequence[int]], pad_id: int, rows: int | None = None):
-    """Right-padded int32 [rows, max_len] and lengths [rows]; extra rows repeat row 0."""
+def pad_prompts(prompt_ids: Sequence[Sequence[int]], pad_id: int, rows: int | None = None,
+                width: int | None = None):
+    """Right-padded int32 [rows, width] and lengths [rows]; extra rows repeat row 0.
+
+    `width` defaults to the longest prompt; a fixed width keeps the sampler's shapes static.
+    """
     rows = rows or len(prompt_ids)
-    width = max(len(p) for p in prompt_ids)
+    width = width or max(len(p) for p in prompt_ids)
     out = np.full((rows, width), pad_id, np.int32)
     lengths = np.zeros((rows,), np.int32)
     for i in range(rows):

@@ -25,6 +25,7 @@ import numpy as np
 
 from jaxpost import data
 from jaxpost import sharding as sh
+from jaxpost.eval.generation import pad_prompts
 from jaxpost.models import ModelConfig, Transformer
 from jaxpost.optim import OptimizerConfig, make_optimizer, make_schedule
 from jaxpost.rl import grpo as G
@@ -129,18 +130,19 @@ def make_grpo_loss(model_cfg: ModelConfig, g: GRPOSection):
 
 
 def make_logprob_fn(model_cfg: ModelConfig, g: GRPOSection, mesh, param_shardings, rules=sh.DEFAULT_RULES):
-    """Jitted `(params, batch) -> logp [N, C]` of the completion tokens (old / reference)."""
+    """Jitted `(params, rows) -> logp [N, C]` of the completion tokens (old / reference);
+    `rows` holds `tokens`, `positions` and `segment_ids` as laid out by `build_rows`."""
     model = Transformer(model_cfg)
     p, c = g.max_prompt_length, g.max_completion_length
 
-    def fn(params, tokens, positions, segment_ids):
+    def fn(params, rows):
         with sh.logical_rules(mesh, rules):
-            logits = model.apply({"params": params}, tokens, positions=positions,
-                                 segment_ids=segment_ids)
+            logits = model.apply({"params": params}, rows["tokens"], positions=rows["positions"],
+                                 segment_ids=rows["segment_ids"])
         logits = logits[:, p - 1:p + c - 1].astype(jnp.float32) / g.temperature
-        return token_logprobs(logits, tokens[:, p:])
+        return token_logprobs(logits, rows["tokens"][:, p:])
 
-    return jax.jit(fn, in_shardings=(param_shardings, None, None, None))
+    return jax.jit(fn, in_shardings=(param_shardings, None))
 
 
 def build_rows(prompt_ids: list[list[int]], completions: np.ndarray, lengths: np.ndarray,
@@ -203,11 +205,7 @@ class GRPOTask:
         rows = [r for r in records for _ in range(g.num_generations)]
         prompt_ids = [r["prompt_ids"][-g.max_prompt_length:] for r in rows]
         width = g.max_prompt_length
-        prompts = np.full((len(rows), width), self.tokenizer.pad_id, np.int32)
-        lengths = np.zeros((len(rows),), np.int32)
-        for i, ids in enumerate(prompt_ids):
-            prompts[i, :len(ids)] = ids
-            lengths[i] = len(ids)
+        prompts, lengths = pad_prompts(prompt_ids, self.tokenizer.pad_id, width=width)
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1)
         out = jax.device_get(self.sampler(state.params, prompts, lengths, rng, self.sampling))
         t_sample = time.perf_counter() - t0
@@ -243,15 +241,17 @@ class GRPOTask:
                    "time_rollout_s": t_sample, "time_reward_s": t_reward}
         metrics.update({k: float(v) for k, v in adv_stats.items() if k != "reward_mean"})
 
-        placed = sh.shard_batch({k: batch[k] for k in ("tokens", "positions", "segment_ids")},
-                                self.mesh)
+        recompute_old = g.num_iterations > 1 and g.old_logprobs == "recompute"
+        placed = None  # the rows on the mesh, only when a forward pass needs them
+        if recompute_old or g.beta > 0:
+            placed = sh.shard_batch(
+                {k: batch[k] for k in ("tokens", "positions", "segment_ids")}, self.mesh)
         t1 = time.perf_counter()
         if g.num_iterations > 1:
             if g.old_logprobs == "sampler":
                 batch["old_logp"] = out.logprobs.astype(np.float32)
             else:
-                old = self.logprob_fn(state.params, placed["tokens"], placed["positions"],
-                                      placed["segment_ids"])
+                old = self.logprob_fn(state.params, placed)
                 batch["old_logp"] = np.asarray(jax.device_get(old))
                 gap = np.abs(batch["old_logp"] - out.logprobs) * mask
                 metrics["sampler_logprob_gap"] = float(gap.sum() / max(mask.sum(), 1))
@@ -260,8 +260,7 @@ class GRPOTask:
         if g.beta > 0:
             if self.ref_params is None:  # the policy before any GRPO update is the reference
                 self.ref_params = jax.tree.map(jnp.copy, state.params)
-            ref = self.logprob_fn(self.ref_params, placed["tokens"], placed["positions"],
-                                  placed["segment_ids"])
+            ref = self.logprob_fn(self.ref_params, placed)
             batch["ref_logp"] = np.asarray(jax.device_get(ref))
         metrics["time_reference_s"] = time.perf_counter() - t2
         return batch, metrics
