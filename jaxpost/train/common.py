@@ -11,7 +11,9 @@ import jax
 from jaxpost import sharding as sh
 from jaxpost.data import synthetic
 from jaxpost.eval.generation import generation_accuracy
+from jaxpost.optim import make_optimizer, make_schedule
 from jaxpost.sampling import Sampler, SamplingConfig
+from jaxpost.train.loop import run
 from jaxpost.models import ModelConfig, from_hf, init_params, param_shapes, preset
 from jaxpost.models.config import PRESETS
 
@@ -177,3 +179,14 @@ def setup(model: ModelSection, mesh_section: MeshSection, tokenizer_spec: str):
         model_cfg = model_cfg.replace(eos_token_ids=(tokenizer.eos_id,),
                                       bos_token_id=tokenizer.bos_id)
     return tokenizer, mesh, model_cfg
+
+
+def run_recipe(cfg, task, model_cfg: ModelConfig, mesh, init, abstract, shardings,
+               **extra_metadata: Any):
+    """Runs the shared loop with the recipe's `optimizer` section over `cfg.steps`, storing
+    the config and the model config (plus `extra_metadata`) with every checkpoint."""
+    return run(cfg, task, init_params=init, abstract_params=abstract, param_shardings=shardings,
+               optimizer=make_optimizer(cfg.optimizer, cfg.steps), mesh=mesh,
+               schedule=make_schedule(cfg.optimizer, cfg.steps),
+               metadata={"config": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg),
+                         **extra_metadata})

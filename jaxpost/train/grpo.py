@@ -27,13 +27,13 @@ from jaxpost import data
 from jaxpost import sharding as sh
 from jaxpost.eval.generation import pad_prompts
 from jaxpost.models import ModelConfig, Transformer
-from jaxpost.optim import OptimizerConfig, make_optimizer, make_schedule
+from jaxpost.optim import OptimizerConfig
 from jaxpost.rl import grpo as G
 from jaxpost.rl.rewards import RewardSet, resolve_reward, reward_metrics
 from jaxpost.sampling import Sampler, SamplingConfig
 from jaxpost.train.common import (
-    EvalSection, GenerationEval, MeshSection, ModelSection, model_init, setup)
-from jaxpost.train.loop import LoopConfig, run
+    EvalSection, GenerationEval, MeshSection, ModelSection, model_init, run_recipe, setup)
+from jaxpost.train.loop import LoopConfig
 from jaxpost.train.sft import token_logprobs
 
 log = logging.getLogger(__name__)
@@ -324,7 +324,4 @@ def train(cfg: GRPOConfig):
     tokenizer, mesh, model_cfg = setup(model_section, cfg.mesh, cfg.prompts.tokenizer)
     init, abstract, shardings = model_init(model_section, model_cfg, mesh, cfg.seed)
     task = GRPOTask(cfg, model_cfg, tokenizer, mesh, shardings)
-    return run(cfg, task, init_params=init, abstract_params=abstract, param_shardings=shardings,
-               optimizer=make_optimizer(cfg.optimizer, cfg.steps), mesh=mesh,
-               schedule=make_schedule(cfg.optimizer, cfg.steps),
-               metadata={"config": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg)})
+    return run_recipe(cfg, task, model_cfg, mesh, init, abstract, shardings)

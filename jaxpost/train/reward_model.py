@@ -29,11 +29,12 @@ from jaxpost import data
 from jaxpost import sharding as sh
 from jaxpost.data import synthetic
 from jaxpost.models import ModelConfig
-from jaxpost.optim import OptimizerConfig, make_optimizer, make_schedule
+from jaxpost.optim import OptimizerConfig
 from jaxpost.rl import reward_model as rm
 from jaxpost.tokenizer import Tokenizer
-from jaxpost.train.common import MeshSection, ModelSection, model_init, restore_params, setup
-from jaxpost.train.loop import LoopConfig, run
+from jaxpost.train.common import (
+    MeshSection, ModelSection, model_init, restore_params, run_recipe, setup)
+from jaxpost.train.loop import LoopConfig
 
 log = logging.getLogger(__name__)
 
@@ -414,12 +415,9 @@ def train(cfg: RewardModelConfig):
         return {rm.BACKBONE: backbone_init(), rm.HEAD: head}
 
     task = RewardModelTask(cfg, model_cfg, tokenizer, mesh, shardings)
-    return run(cfg, task, init_params=init, abstract_params=abstract, param_shardings=shardings,
-               optimizer=make_optimizer(cfg.optimizer, cfg.steps), mesh=mesh,
-               schedule=make_schedule(cfg.optimizer, cfg.steps),
-               metadata={"config": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg),
-                         "reward_model": {"backbone": rm.BACKBONE, "head": rm.HEAD,
-                                          "pooling": "last_token"}})
+    return run_recipe(cfg, task, model_cfg, mesh, init, abstract, shardings,
+                      reward_model={"backbone": rm.BACKBONE, "head": rm.HEAD,
+                                    "pooling": "last_token"})
 
 
 __all__ = ["PairwiseEval", "PreferenceBatches", "PreferenceDataSection",

@@ -15,10 +15,10 @@ import jax.numpy as jnp
 from jaxpost import data
 from jaxpost import sharding as sh
 from jaxpost.models import ModelConfig, Transformer
-from jaxpost.optim import OptimizerConfig, make_optimizer, make_schedule
+from jaxpost.optim import OptimizerConfig
 from jaxpost.train.common import (
-    EvalSection, GenerationEval, MeshSection, ModelSection, model_init, setup)
-from jaxpost.train.loop import LoopConfig, run
+    EvalSection, GenerationEval, MeshSection, ModelSection, model_init, run_recipe, setup)
+from jaxpost.train.loop import LoopConfig
 
 
 def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -149,8 +149,4 @@ def train(cfg: SFTConfig):
     tokenizer, mesh, model_cfg = setup(cfg.model, cfg.mesh, cfg.data.tokenizer)
     task = SFTTask(cfg, model_cfg, tokenizer, mesh)
     init, abstract, shardings = model_init(cfg.model, model_cfg, mesh, cfg.seed)
-    total = cfg.steps
-    return run(cfg, task, init_params=init, abstract_params=abstract, param_shardings=shardings,
-               optimizer=make_optimizer(cfg.optimizer, total), mesh=mesh,
-               schedule=make_schedule(cfg.optimizer, total),
-               metadata={"config": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg)})
+    return run_recipe(cfg, task, model_cfg, mesh, init, abstract, shardings)
