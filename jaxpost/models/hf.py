@@ -74,6 +74,59 @@ class HFCheckpointError(ValueError):
 
 
 # ------------------------------------------------------------------------ name mapping
+#: Params leaf -> HF name suffix; LoRA adapters use PEFT's names (`lora_A` is [r, in]).
+_HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias",
+            "lora_a": "lora_A.weight", "lora_b": "lora_B.weight"}
+#: Top-level params keys of a reward model (see `jaxpost.rl.reward_model`).
+_RM_BACKBONE, _RM_HEAD = "model", "score"
+
+
+def is_stacked(path: Sequence[str]) -> bool:
+    """Whether the params leaf at `path` is stacked on a leading `layers` axis."""
+    path = tuple(path)
+    if path[:1] == (_RM_BACKBONE,):
+        path = path[1:]
+    return path[:1] == ("layers",)
+
+
+def hf_name(path: Sequence[str], layer: int | None = None) -> str:
+    """The Hugging Face name of the params leaf at `path` (of layer `layer` if stacked).
+
+    The one mapping used by conversion, freeze rules, LoRA targets and PEFT export:
+    `("layers", "mlp", "down_proj", "kernel"), 12 -> "model.layers.12.mlp.down_proj.weight"`,
+    `("lm_head", "kernel") -> "lm_head.weight"`; a reward model's backbone
+    (`("model", ...)`) maps like a plain model and its head to `score.weight`/`score.bias`
+    (HF's sequence-classification names); LoRA leaves `lora_a`/`lora_b` map to PEFT's
+    `...q_proj.lora_A.weight` / `lora_B.weight`.
+    """
+    path = tuple(str(k) for k in path)
+    if path[:1] == (_RM_HEAD,):
+        return f"score.{_HF_LEAF.get(path[-1], path[-1])}"
+    if path[:1] == (_RM_BACKBONE,):
+        path = path[1:]
+    *modules, leaf = path
+    suffix = _HF_LEAF.get(leaf, leaf)
+    if modules[:1] == ["layers"]:
+        if layer is None:
+            raise ValueError(f"params leaf {'/'.join(path)} is stacked: hf_name needs a layer")
+        return f"model.layers.{layer}.{'.'.join(modules[1:])}.{suffix}"
+    if modules[:1] == ["lm_head"]:
+        return f"lm_head.{suffix}"
+    return f"model.{'.'.join(modules)}.{suffix}"
+
+
+def leaf_hf_names(tree: Any) -> dict[tuple[str, ...], list[str]]:
+    """Every leaf path of a params-like pytree -> its HF names (one per layer if stacked)."""
+    out = {}
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        path = tuple(str(getattr(k, "key", k)) for k in key_path)
+        if is_stacked(path):
+            out[path] = [hf_name(path, i) for i in range(np.shape(leaf)[0])]
+        else:
+            out[path] = [hf_name(path)]
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class _Entry:
     """One jaxpost parameter and the HF tensor(s) it corresponds to."""
@@ -84,13 +137,7 @@ class _Entry:
     transpose: bool  # Linear kernel [in, out] <-> HF weight [out, in]
 
     def hf_name(self, layer: int | None = None) -> str:
-        *modules, leaf = self.path
-        hf_leaf = "bias" if leaf == "bias" else "weight"
-        if self.stacked:
-            return f"model.layers.{layer}.{'.'.join(modules[1:])}.{hf_leaf}"
-        if modules[0] == "lm_head":
-            return f"lm_head.{hf_leaf}"
-        return f"model.{'.'.join(modules)}.{hf_leaf}"
+        return hf_name(self.path, layer)
 
     def hf_names(self, num_layers: int) -> list[str]:
         if self.stacked:
