@@ -101,7 +101,7 @@ class Transformer(nn.Module):
         layers = nn.scan(
             layer_cls,
             variable_axes={"params": 0},
-            split_rngs={"params": True},
+            split_rngs={"params": True, "dropout": True},  # dropout: LoRA adapters
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
             unroll=1 if cfg.scan_layers else cfg.num_layers,
