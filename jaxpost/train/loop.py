@@ -20,6 +20,8 @@ import optax
 from jaxpost import sharding as sh
 from jaxpost.checkpoint import Checkpointer, PreemptionGuard
 from jaxpost.metrics import MetricsWriter
+from jaxpost.peft import partition
+from jaxpost.peft.freeze import Mask
 from jaxpost.train.state import TrainState
 from jaxpost.train.step import LossFn, make_train_step, state_shardings
 
@@ -80,7 +82,8 @@ def _is_due(step: int, every: int, last: int) -> bool:
 def run(cfg: LoopConfig, task: Task, *, init_params: Callable[[], Any], abstract_params,
         param_shardings,
         optimizer: optax.GradientTransformation, mesh, schedule: optax.Schedule | None = None,
-        rules=sh.DEFAULT_RULES, metadata: dict | None = None) -> LoopResult:
+        rules=sh.DEFAULT_RULES, metadata: dict | None = None,
+        trainable_mask: Mask | None = None) -> LoopResult:
     """Trains to `cfg.steps`, resuming from the latest checkpoint in `cfg.workdir`.
 
     Args:
@@ -90,18 +93,32 @@ def run(cfg: LoopConfig, task: Task, *, init_params: Callable[[], Any], abstract
         most once; placed onto `param_shardings` if they are not already).
       abstract_params: pytree of `jax.ShapeDtypeStruct` of the params.
       param_shardings: pytree of NamedSharding matching the params.
-      optimizer: the optax transformation.
+      optimizer: the optax transformation (of the trainable params).
       mesh: the device mesh.
       schedule: the learning-rate schedule, logged as `lr`.
       rules: logical-axis rules.
       metadata: JSON-serialisable run description stored with each checkpoint.
+      trainable_mask: which params train (`jaxpost.peft.freeze.trainable_mask`; default:
+        all). Frozen leaves are kept out of the optimizer; partially frozen stacked
+        leaves get per-layer update masks.
     """
     if not cfg.workdir:
         raise ValueError("config.workdir is empty; pass --config.workdir=DIR")
     os.makedirs(cfg.workdir, exist_ok=True)
+    if trainable_mask is None:
+        trainable_mask = jax.tree.map(lambda _: True, abstract_params)
+    counts = partition.count_params(abstract_params, trainable_mask)
+    if counts.trainable == 0:
+        raise ValueError("nothing to train: the freeze rules freeze every parameter")
+    log.info("%s", counts.describe())
+    abstract_t, abstract_f = partition.split(abstract_params, trainable_mask)
+    masks = partition.update_masks(abstract_t, trainable_mask)
+    if all(m is None for m in jax.tree.leaves(masks, is_leaf=lambda x: x is None)):
+        masks = None
     ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"), keep=cfg.keep_checkpoints,
                         async_save=cfg.async_checkpoints)
-    abstract = jax.eval_shape(lambda p: TrainState.create(p, optimizer, cfg.seed), abstract_params)
+    abstract = jax.eval_shape(
+        lambda t, f: TrainState.create(t, optimizer, cfg.seed, frozen=f), abstract_t, abstract_f)
     s_shardings = state_shardings(abstract, param_shardings, mesh)
 
     latest = ckpt.latest_step()
@@ -114,8 +131,12 @@ def run(cfg: LoopConfig, task: Task, *, init_params: Callable[[], Any], abstract
         log.info("resumed from %s at step %d", ckpt.directory, latest)
     else:
         params = jax.device_put(init_params(), param_shardings)
-        state = jax.jit(lambda p: TrainState.create(p, optimizer, cfg.seed),
-                        out_shardings=s_shardings)(params)
+        trainable, frozen = partition.split(params, trainable_mask)
+        opt_state = jax.jit(optimizer.init, out_shardings=s_shardings.opt_state)(trainable)
+        state = TrainState(
+            step=jax.device_put(np.zeros((), np.int32), s_shardings.step),
+            trainable=trainable, frozen=frozen, opt_state=opt_state,
+            rng=jax.device_put(jax.random.key_data(jax.random.key(cfg.seed)), s_shardings.rng))
     step = int(jax.device_get(state.step))
 
     train_fn = None
@@ -124,6 +145,7 @@ def run(cfg: LoopConfig, task: Task, *, init_params: Callable[[], Any], abstract
     evals: dict[str, float] = {}
     preempted = False
     start_evals: dict[str, float] = {}
+    first_record = True
     if cfg.eval_at_start and step == 0:
         start_evals = {f"eval_{k}": v for k, v in task.evaluate(state.params, 0).items()}
         writer.write(0, start_evals)
@@ -137,7 +159,8 @@ def run(cfg: LoopConfig, task: Task, *, init_params: Callable[[], Any], abstract
                     train_fn = make_train_step(
                         task.loss_fn, optimizer, mesh=mesh, state_sharding=s_shardings,
                         batch_sharding=jax.tree.map(lambda x: x.sharding, batch),
-                        grad_accum_steps=cfg.grad_accum_steps, schedule=schedule, rules=rules)
+                        grad_accum_steps=cfg.grad_accum_steps, schedule=schedule, rules=rules,
+                        update_masks=masks)
                 t_train = time.perf_counter()
                 state, metrics = train_fn(state, batch)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -161,6 +184,10 @@ def run(cfg: LoopConfig, task: Task, *, init_params: Callable[[], Any], abstract
                     evals = {f"eval_{k}": v for k, v in task.evaluate(state.params, step).items()}
                     metrics.update(evals)
                 if evaluated or _is_due(step, cfg.log_every, cfg.steps):
+                    if first_record:  # the parameter split, once per process run
+                        metrics.update(params_trainable=float(counts.trainable),
+                                       params_frozen=float(counts.frozen))
+                        first_record = False
                     writer.write(step, metrics)
                 if _is_due(step, cfg.checkpoint_every, cfg.steps):
                     ckpt.save(step, state, data_state=task.data_state(), metadata=metadata)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxpost import sharding as sh
+from jaxpost.peft.partition import apply_update_masks, combine
 from jaxpost.train.state import TrainState
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, jax.Array, dict]]
@@ -36,24 +37,30 @@ def split_microbatches(batch: dict, num: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def accumulate_gradients(loss_fn: LossFn, params, batch: dict, rng: jax.Array, num_micro: int):
-    """Sums of grads, loss, count and aux over `num_micro` micro-batches (lax.scan)."""
-    grad_fn = jax.value_and_grad(lambda p, mb, r: _sum_and_rest(loss_fn, p, mb, r), has_aux=True)
+def accumulate_gradients(loss_fn: LossFn, trainable, batch: dict, rng: jax.Array,
+                         num_micro: int, frozen=None):
+    """Sums of grads (w.r.t. `trainable`), loss, count and aux over `num_micro`
+    micro-batches (lax.scan); the objective sees `combine(frozen, trainable)`."""
+    def objective(t, mb, r):
+        return _sum_and_rest(loss_fn, combine(frozen, t) if frozen else t, mb, r)
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
     if num_micro == 1:
-        (loss_sum, (count, aux)), grads = grad_fn(params, batch, rng)
+        (loss_sum, (count, aux)), grads = grad_fn(trainable, batch, rng)
         return grads, loss_sum, count, aux
 
     micro = split_microbatches(batch, num_micro)
     rngs = jax.random.split(rng, num_micro)
     first = jax.tree.map(lambda x: x[0], micro)
-    _, (count0, aux0) = jax.eval_shape(lambda: _sum_and_rest(loss_fn, params, first, rngs[0]))
+    _, (count0, aux0) = jax.eval_shape(lambda: objective(trainable, first, rngs[0]))
     zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)  # noqa: E731
-    init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), zeros(count0), zeros(aux0))
+    init = (jax.tree.map(jnp.zeros_like, trainable), jnp.zeros((), jnp.float32), zeros(count0),
+            zeros(aux0))
 
     def body(carry, xs):
         g_acc, l_acc, c_acc, a_acc = carry
         mb, r = xs
-        (l, (c, a)), g = grad_fn(params, mb, r)
+        (l, (c, a)), g = grad_fn(trainable, mb, r)
         add = lambda x, y: jax.tree.map(jnp.add, x, y)  # noqa: E731
         return (add(g_acc, g), l_acc + l, c_acc + c, add(a_acc, a)), None
 
@@ -68,24 +75,32 @@ def _sum_and_rest(loss_fn: LossFn, params, batch, rng):
 
 def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
                optimizer: optax.GradientTransformation, grad_accum_steps: int = 1,
-               schedule: optax.Schedule | None = None):
-    """One optimizer step. A non-finite loss or gradient leaves params unchanged and sets
-    `metrics["nonfinite"]` so the loop can stop with the step named."""
+               schedule: optax.Schedule | None = None, update_masks=None):
+    """One optimizer step over `state.trainable`.
+
+    `update_masks` (from `jaxpost.peft.partition.update_masks`) zeroes the gradient of the
+    frozen layers of partially frozen stacked leaves before the norm and clipping, and
+    their final update after the optimizer (weight decay included), so those rows stay
+    bit-identical. A non-finite loss or gradient leaves the state unchanged and sets
+    `metrics["nonfinite"]` so the loop can stop with the step named.
+    """
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
     grads, loss_sum, count, aux = accumulate_gradients(
-        loss_fn, state.params, batch, step_rng, grad_accum_steps)
+        loss_fn, state.trainable, batch, step_rng, grad_accum_steps, frozen=state.frozen)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
+    grads = apply_update_masks(grads, update_masks)
     loss = loss_sum / denom
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+    updates = apply_update_masks(updates, update_masks)
+    trainable = optax.apply_updates(state.trainable, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-    new_state = TrainState(
+    new_state = state.replace(
         step=state.step + finite.astype(jnp.int32),
-        params=keep(params, state.params),
+        trainable=keep(trainable, state.trainable),
         opt_state=keep(opt_state, state.opt_state),
         rng=jax.random.key_data(rng))
     metrics = {"loss": loss, "grad_norm": grad_norm, "count": count,
@@ -98,12 +113,16 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
 
 
 def state_shardings(state_shapes: TrainState, param_shardings, mesh):
-    """Shardings of a TrainState: optimizer leaves that mirror a parameter (Adam moments:
-    same path suffix, same shape) take its sharding; counters and the rng replicate."""
+    """Shardings of a TrainState from the shardings of the full params: trainable and
+    frozen leaves take theirs; optimizer leaves that mirror a trainable parameter (Adam
+    moments: same path suffix, same shape) take its sharding; counters and the rng
+    replicate."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    by_path = {_path_key(p): s for p, s in jax.tree_util.tree_leaves_with_path(param_shardings)}
+    trainable_sh = _subtree(param_shardings, state_shapes.trainable)
+    frozen_sh = _subtree(param_shardings, state_shapes.frozen)
+    by_path = {_path_key(p): s for p, s in jax.tree_util.tree_leaves_with_path(trainable_sh)}
     shapes = {_path_key(p): x.shape
-              for p, x in jax.tree_util.tree_leaves_with_path(state_shapes.params)}
+              for p, x in jax.tree_util.tree_leaves_with_path(state_shapes.trainable)}
 
     def opt_leaf(path, leaf):
         key = _path_key(path)
@@ -113,7 +132,15 @@ def state_shardings(state_shapes: TrainState, param_shardings, mesh):
         return replicated
 
     opt = jax.tree_util.tree_map_with_path(opt_leaf, state_shapes.opt_state)
-    return TrainState(step=replicated, params=param_shardings, opt_state=opt, rng=replicated)
+    return TrainState(step=replicated, trainable=trainable_sh, frozen=frozen_sh, opt_state=opt,
+                      rng=replicated)
+
+
+def _subtree(full, like):
+    """The part of the nested dict `full` with the keys of `like` (a split half)."""
+    if not isinstance(like, dict):
+        return full
+    return {k: _subtree(full[k], v) for k, v in like.items()}
 
 
 def _path_key(path) -> str:
@@ -122,12 +149,14 @@ def _path_key(path) -> str:
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, mesh,
                     state_sharding, batch_sharding, grad_accum_steps: int = 1,
-                    schedule: optax.Schedule | None = None, rules=sh.DEFAULT_RULES):
+                    schedule: optax.Schedule | None = None, rules=sh.DEFAULT_RULES,
+                    update_masks=None):
     """`train_step` jitted with explicit in/out shardings and the state donated."""
     def step(state, batch):
         with sh.logical_rules(mesh, rules):
             return train_step(state, batch, loss_fn=loss_fn, optimizer=optimizer,
-                              grad_accum_steps=grad_accum_steps, schedule=schedule)
+                              grad_accum_steps=grad_accum_steps, schedule=schedule,
+                              update_masks=update_masks)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                    out_shardings=(state_sharding, replicated), donate_argnums=(0,))

@@ -1,0 +1,1 @@
+"""Which parameters train: freeze rules and presets, the trainable/frozen split, LoRA."""
