@@ -69,6 +69,10 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of activations and matmuls
     scan_layers: bool = True  # lax.scan over layers (fast compile); False unrolls them
     remat_policy: str = "none"  # activation checkpointing per layer, see REMAT_POLICIES
+    # LoRA (jaxpost.peft.lora): a Linear whose params hold `lora_a`/`lora_b` adds
+    # lora_scale·(dropout(x)·A)·B. Static numerics of the forward pass, never in config.json.
+    lora_scale: float = 0.0  # s = alpha/r (alpha/sqrt(r) with rslora); 0: no adapters expected
+    lora_dropout: float = 0.0  # dropout on a LoRA branch's input, only with a "dropout" rng
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -87,6 +91,11 @@ class ModelConfig:
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"ModelConfig.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
+        if not math.isfinite(self.lora_scale):
+            raise ValueError(f"ModelConfig.lora_scale={self.lora_scale} must be finite")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(
+                f"ModelConfig.lora_dropout={self.lora_dropout}: expected a rate in [0, 1)")
         if isinstance(self.eos_token_ids, list):
             object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
 

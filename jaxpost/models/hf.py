@@ -29,7 +29,7 @@ import functools
 import json
 import math
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -430,9 +430,13 @@ def _hf_tensors(cfg: ModelConfig, params: dict) -> list[tuple[str, _Entry, int |
     missing = sorted("/".join(p) for p in entries if p not in got)
     extra = sorted("/".join(p) for p in got if p not in entries)
     if missing or extra:
+        hint = ""
+        if any(p.rsplit("/", 1)[-1] in ("lora_a", "lora_b") for p in extra):
+            hint = ("; the params carry LoRA adapters: write `jaxpost.peft.lora.merge_adapters"
+                    "(params, scale)` (merged) or `save_peft_adapter` (a PEFT adapter folder)")
         raise ValueError(
             f"to_hf: params do not match Transformer(cfg) for {cfg.family} with "
-            f"{cfg.num_layers} layers: missing {missing}, unexpected {extra}")
+            f"{cfg.num_layers} layers: missing {missing}, unexpected {extra}{hint}")
     out = []
     for path, e in entries.items():
         leaf = got[path]
@@ -563,3 +567,41 @@ def _write_json(path: str, obj: Any) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any], *,
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Writes host tensors to one safetensors file (e.g. a PEFT `adapter_model.safetensors`).
+
+    The same format `to_hf` streams (8-byte little-endian header length, JSON header,
+    raw little-endian data, 8-byte aligned), for small sets of tensors that fit in host
+    memory at once. Written here rather than with the `safetensors` package so bfloat16
+    works on every numpy version (through `ml_dtypes`) and nothing needs torch.
+
+    Args:
+      path: the file to write (overwritten).
+      tensors: name -> array (numpy or `jax.Array`), in the order to store them.
+      metadata: the header's `__metadata__` strings; default `{"format": "pt"}`, which
+        `transformers` and PEFT expect of PyTorch-side files.
+
+    Raises:
+      ValueError: a tensor's dtype has no safetensors tag (the message names it).
+    """
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    values, offset = [], 0
+    for name, x in tensors.items():
+        host = np.ascontiguousarray(_gather(x) if isinstance(x, jax.Array) else np.asarray(x))
+        if host.dtype not in _NP_TO_ST:
+            raise ValueError(f"write_safetensors: tensor {name!r} has dtype {host.dtype}, which "
+                             f"safetensors cannot store; supported: {sorted(map(str, _NP_TO_ST))}")
+        header[name] = {"dtype": _NP_TO_ST[host.dtype], "shape": list(host.shape),
+                        "data_offsets": [offset, offset + host.nbytes]}
+        offset += host.nbytes
+        values.append(host)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+    with open(os.fspath(path), "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for host in values:
+            f.write(host.reshape(-1).view(np.uint8).data)

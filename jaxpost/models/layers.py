@@ -26,7 +26,16 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 
 
 class Linear(nn.Module):
-    """`x @ kernel (+ bias)` with kernel [in, out]; HF stores the transpose as `weight`."""
+    """`x @ kernel (+ bias)` with kernel [in, out]; HF stores the transpose as `weight`.
+
+    LoRA: when this module's params also hold `lora_a` [in, r] and `lora_b` [r, out]
+    (leaves added next to the kernel by `jaxpost.peft.lora`; `init` never creates them),
+    the output gains `cfg.lora_scale · (dropout(x) · A) · B`, computed in the compute
+    dtype without materialising a merged kernel, so the base kernel can stay frozen and
+    the same module serves training, sampling and scoring. Dropout (rate
+    `cfg.lora_dropout`, as PEFT's `lora_dropout`) applies only when the caller passes an
+    rng named "dropout"; without one the forward pass is deterministic.
+    """
 
     features: int
     axes: tuple[str, str]  # logical names of (in, out)
@@ -48,7 +57,34 @@ class Linear(nn.Module):
                 "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
                 (self.features,), dtype_of(cfg.param_dtype))
             y = y + bias.astype(dtype)
+        has_a, has_b = self.has_variable("params", "lora_a"), self.has_variable("params", "lora_b")
+        if has_a or has_b:
+            y = y + self._lora(x, has_a, has_b, dtype)
         return y
+
+    def _lora(self, x: jax.Array, has_a: bool, has_b: bool, dtype) -> jax.Array:
+        """`lora_scale · (dropout(x) · A) · B` for this module's adapter leaves."""
+        cfg, where = self.cfg, "/".join(self.path)
+        if not (has_a and has_b):
+            present, absent = ("lora_a", "lora_b") if has_a else ("lora_b", "lora_a")
+            raise ValueError(f"params of {where} hold {present} but no {absent}: a LoRA "
+                             "adapter needs both (see jaxpost.peft.lora.init_adapters)")
+        if cfg.lora_scale == 0.0:
+            raise ValueError(
+                f"params of {where} hold LoRA adapters (lora_a/lora_b) but "
+                "ModelConfig.lora_scale is 0, which would silently ignore them; set it to "
+                "the adapter's scale (jaxpost.peft.lora.LoraConfig.scale: alpha/r, or "
+                "alpha/sqrt(r) with rslora), or remove the adapters (strip_adapters / "
+                "merge_adapters)")
+        a = self.get_variable("params", "lora_a")
+        b = self.get_variable("params", "lora_b")
+        h = x.astype(dtype)
+        if cfg.lora_dropout > 0.0 and self.has_rng("dropout"):
+            keep = 1.0 - cfg.lora_dropout
+            mask = jax.random.bernoulli(self.make_rng("dropout"), keep, h.shape)
+            h = jnp.where(mask, h / jnp.asarray(keep, dtype), jnp.zeros((), dtype))
+        h = jnp.dot(h, a.astype(dtype))
+        return jnp.dot(h, b.astype(dtype)) * jnp.asarray(cfg.lora_scale, dtype)
 
 
 class RMSNorm(nn.Module):
