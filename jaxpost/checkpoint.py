@@ -17,6 +17,12 @@ it marks completion with a `commit_success.txt` file instead). A job killed mid-
 therefore leaves a tmp directory that `latest_step()` and `restore()` ignore. Such
 leftovers are not deleted automatically (an export running next to a live training job
 must never delete the job's in-flight save); remove them by hand if disk space matters.
+
+A training workdir keeps its checkpoints in `WORKDIR/checkpoints/`. Reading another
+run's checkpoint (export, `model.init_from`, a reward model used as a reward function)
+goes through `open_run`, `run_metadata` and `restore_params`, which never create folders
+and name the directory in their errors; `params_from_state` takes the full params out of
+a saved train state of either layout (`params`, or `trainable` + `frozen`).
 """
 
 from __future__ import annotations
@@ -24,14 +30,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import signal
 import threading
-from typing import Any, Sequence
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+if TYPE_CHECKING:
+    from jaxpost.models.config import ModelConfig
 
 _STATE = "state"
 _DATA_STATE = "data_state"
@@ -256,6 +267,169 @@ class Checkpointer:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+# --------------------------------------------------------------------------------------
+# A training run's checkpoints, read by others (export, init_from, reward models)
+# --------------------------------------------------------------------------------------
+
+CHECKPOINTS = "checkpoints"  # the checkpoint folder inside a training workdir
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
+    """`WORKDIR/checkpoints`, where a training run keeps its checkpoints."""
+    return epath.Path(workdir) / CHECKPOINTS
+
+
+def _merge_params(frozen: Any, trainable: Any, path: str = "") -> Any:
+    """Deep merge of two nested dicts with disjoint leaves (None counts as absent)."""
+    if frozen is None:
+        return trainable
+    if trainable is None:
+        return frozen
+    if not (isinstance(frozen, Mapping) and isinstance(trainable, Mapping)):
+        raise ValueError(f"the checkpoint's 'frozen' and 'trainable' params both hold "
+                         f"{path or 'the root'!r}; their leaves must be disjoint")
+    out = {}
+    for key in list(frozen) + [k for k in trainable if k not in frozen]:
+        sub = f"{path}/{key}" if path else str(key)
+        value = _merge_params(frozen.get(key), trainable.get(key), sub)
+        if value is not None and not (isinstance(value, Mapping) and not value):
+            out[key] = value  # empty subtrees (a partition's placeholders) are dropped
+    return out
+
+
+def params_from_state(state: Mapping[str, Any]) -> dict:
+    """The full model params of a saved train state, for either layout.
+
+    Args:
+        state: a restored train-state dict: either with a `params` entry, or with
+            `trainable` and `frozen` entries (nested dicts with disjoint leaves, as a
+            run that freezes part of the model saves them; a missing or None side, or
+            an empty subtree, counts as holding nothing).
+
+    Returns:
+        `state["params"]`, or the deep merge of `frozen` and `trainable`.
+
+    Raises:
+        ValueError: neither layout's keys are present, or a leaf is in both trees.
+    """
+    if "params" in state:
+        return state["params"]
+    if "trainable" in state or "frozen" in state:
+        return _merge_params(state.get("frozen") or {}, state.get("trainable") or {})
+    raise ValueError(f"the checkpoint state has keys {sorted(state)}; expected 'params', or "
+                     "'trainable' and 'frozen' (the split layout)")
+
+
+class RunCheckpoint:
+    """One complete checkpoint of a training workdir, opened for reading (`open_run`)."""
+
+    def __init__(self, workdir: str | os.PathLike, step: int | None = None):
+        self.workdir = os.fspath(workdir)
+        self.directory = checkpoint_dir(workdir)
+        if not self.directory.exists():  # Checkpointer would create it
+            raise FileNotFoundError(f"workdir {self.workdir!r} has no {CHECKPOINTS}/ folder "
+                                    f"({self.directory}); is it a jaxpost training workdir?")
+        self._ckpt = Checkpointer(self.directory, async_save=False)
+        try:
+            self.step = self._ckpt._resolve_step(step)  # names the directory and the steps
+        except BaseException:
+            self._ckpt.close()
+            raise
+
+    def metadata(self) -> dict:
+        """The metadata dict the run stored with this step (config, model config, ...)."""
+        return self._ckpt.metadata(self.step)
+
+    def model_config(self) -> ModelConfig:
+        """The `ModelConfig` the run stored in its metadata."""
+        return model_config_from_metadata(self.metadata(), where=str(self.directory))
+
+    def state(self) -> Any:
+        """The saved train state as nested dicts (arrays on their saved shardings)."""
+        state, _ = self._ckpt.restore(self.step)
+        return state
+
+    def params(self) -> dict:
+        """The full model params of this step (`params_from_state`)."""
+        try:
+            return params_from_state(self.state())
+        except ValueError as e:
+            raise ValueError(f"{self.directory} (step {self.step}): {e}") from None
+
+    def restore_params(self, abstract_params: Any, shardings: Any) -> Any:
+        """`params()` checked against the structure of `abstract_params`, cast to its
+        dtypes and placed onto `shardings`."""
+        params = self.params()
+        expected = jax.tree.structure(abstract_params)
+        if jax.tree.structure(params) != expected:
+            raise ValueError(f"the params in {self.directory} (step {self.step}) do not match "
+                             f"the model: {jax.tree.structure(params)} vs {expected}")
+        return jax.tree.map(lambda x, a, s: jax.device_put(x.astype(a.dtype), s),
+                            params, abstract_params, shardings)
+
+    def close(self) -> None:
+        self._ckpt.close()
+
+    def __enter__(self) -> "RunCheckpoint":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def open_run(workdir: str | os.PathLike, step: int | None = None) -> RunCheckpoint:
+    """Opens checkpoint `step` (default: the latest complete one) of a training workdir.
+
+    Use as a context manager: `with open_run(workdir) as run: run.metadata(), run.params()`.
+
+    Raises:
+        FileNotFoundError: the workdir has no `checkpoints/` folder (nothing is created),
+            no complete checkpoint, or none for `step` (naming the directory and the
+            steps it has).
+    """
+    return RunCheckpoint(workdir, step)
+
+
+def latest_run_step(workdir: str | os.PathLike) -> int | None:
+    """The latest complete checkpoint step of a workdir; None when it has none (or no
+    `checkpoints/` folder, which is not created)."""
+    if not checkpoint_dir(workdir).exists():
+        return None
+    with Checkpointer(checkpoint_dir(workdir), async_save=False) as ckpt:
+        return ckpt.latest_step()
+
+
+def run_metadata(workdir: str | os.PathLike, step: int | None = None) -> dict:
+    """The metadata a training run stored with checkpoint `step` (default: the latest)."""
+    with open_run(workdir, step) as run:
+        return run.metadata()
+
+
+def model_config_from_metadata(metadata: Mapping[str, Any], where: str = "") -> ModelConfig:
+    """The `ModelConfig` a training run stored in its checkpoint metadata (`where`: the
+    checkpoint directory, for the error)."""
+    from jaxpost.models.config import ModelConfig
+
+    if "model" not in metadata:
+        of = f" of {where}" if where else ""
+        raise ValueError(f"checkpoint metadata{of} has no 'model' entry; was it written by "
+                         "`python -m jaxpost.train`?")
+    return ModelConfig.from_dict(metadata["model"])
+
+
+def restore_params(workdir: str | os.PathLike, abstract_params: Any, shardings: Any,
+                   step: int | None = None) -> Any:
+    """The full params of a run's checkpoint `step` (default: the latest), cast to the
+    dtypes of `abstract_params` and placed onto `shardings` (`RunCheckpoint.restore_params`).
+
+    Raises:
+        FileNotFoundError: as `open_run`.
+        ValueError: the saved params do not have the structure of `abstract_params`.
+    """
+    with open_run(workdir, step) as run:
+        return run.restore_params(abstract_params, shardings)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Tests for jaxpost.checkpoint: orbax round trips, retention, atomicity, preemption."""
+"""Tests for jaxpost.checkpoint: orbax round trips, retention, atomicity, preemption, and
+reading a training run's checkpoint (both train-state layouts)."""
 
 import os
 import signal
@@ -11,7 +12,16 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxpost.checkpoint import Checkpointer, PreemptionGuard, abstract_target
+from jaxpost.checkpoint import (
+    Checkpointer,
+    PreemptionGuard,
+    abstract_target,
+    latest_run_step,
+    open_run,
+    params_from_state,
+    restore_params,
+    run_metadata,
+)
 from jaxpost.sharding import MeshConfig, make_mesh
 
 
@@ -224,3 +234,79 @@ def test_flax_struct_state_with_multi_transform_optimizer_round_trips(tmp_path, 
     assert isinstance(restored, _TrainState)
     _assert_bitwise_equal(train_state, restored)
     assert data_state == {"pos": 9}
+
+
+# ---------------------------------------------------------------- reading a run's checkpoint
+_PARAMS = {"layers": {"q": np.arange(6, dtype=np.float32).reshape(2, 3),
+                      "k": np.ones((2, 3), np.float32)},
+           "lm_head": {"kernel": np.full((3, 8), 2.0, np.float32)}}
+
+
+def test_params_from_state_reads_the_params_layout_and_the_split_layout():
+    assert params_from_state({"params": _PARAMS, "step": 3}) is _PARAMS
+    split = {"trainable": {"layers": {"q": _PARAMS["layers"]["q"]}},
+             "frozen": {"layers": {"k": _PARAMS["layers"]["k"]}, "lm_head": _PARAMS["lm_head"],
+                        "norm": {}},  # an empty subtree holds nothing
+             "step": 3, "opt_state": {}}
+    merged = params_from_state(split)
+    assert jax.tree.structure(merged) == jax.tree.structure(_PARAMS)
+    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(_PARAMS)):
+        assert a is b
+    everything_trains = params_from_state({"trainable": _PARAMS, "frozen": {}})
+    assert jax.tree.structure(everything_trains) == jax.tree.structure(_PARAMS)
+
+
+def test_params_from_state_names_the_keys_when_neither_layout_is_there_or_leaves_overlap():
+    with pytest.raises(ValueError, match=r"\['opt_state', 'step'\].*'params'.*'trainable'"):
+        params_from_state({"step": 1, "opt_state": {}})
+    with pytest.raises(ValueError, match="layers/q"):
+        params_from_state({"trainable": {"layers": {"q": np.ones(1)}},
+                           "frozen": {"layers": {"q": np.zeros(1)}}})
+
+
+def _save_run(workdir, state, step=4, metadata=None):
+    with Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False) as ckpt:
+        ckpt.save(step, state, metadata=metadata or {"model": {"note": "not read here"}})
+
+
+def test_restore_params_of_a_split_checkpoint_equals_the_params_layout(tmp_path, mesh):
+    split = {"trainable": {"layers": {"q": jnp.asarray(_PARAMS["layers"]["q"])}},
+             "frozen": {"layers": {"k": jnp.asarray(_PARAMS["layers"]["k"])},
+                        "lm_head": {"kernel": jnp.asarray(_PARAMS["lm_head"]["kernel"])}},
+             "step": jnp.int32(4)}
+    _save_run(tmp_path / "split", split)
+    _save_run(tmp_path / "plain", {"params": jax.tree.map(jnp.asarray, _PARAMS),
+                                   "step": jnp.int32(4)})
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), _PARAMS)
+    shardings = jax.tree.map(lambda x: NamedSharding(mesh, P()), _PARAMS)
+    shardings["lm_head"]["kernel"] = NamedSharding(mesh, P(None, "fsdp"))
+    restored = [restore_params(tmp_path / name, abstract, shardings) for name in ("split", "plain")]
+    for got in restored:
+        assert jax.tree.structure(got) == jax.tree.structure(_PARAMS)
+        for x, want, s in zip(jax.tree.leaves(got), jax.tree.leaves(_PARAMS),
+                              jax.tree.leaves(shardings)):
+            assert x.dtype == jnp.bfloat16 and x.sharding == s
+            np.testing.assert_array_equal(np.asarray(x, np.float32), want)
+    with open_run(tmp_path / "split") as run:
+        assert run.step == 4 and run.metadata() == {"model": {"note": "not read here"}}
+    with pytest.raises(ValueError, match="do not match the model"):
+        restore_params(tmp_path / "split", {"layers": abstract["layers"]},
+                       {"layers": shardings["layers"]})
+
+
+def test_opening_a_workdir_without_checkpoints_names_it_and_creates_nothing(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"'.*nowhere' has no checkpoints/ folder"):
+        open_run(tmp_path / "nowhere")
+    assert not (tmp_path / "nowhere").exists()
+    assert latest_run_step(tmp_path / "nowhere") is None
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    assert latest_run_step(tmp_path / "empty") is None
+    with pytest.raises(FileNotFoundError, match=r"no complete checkpoint in .*empty/checkpoints"):
+        run_metadata(tmp_path / "empty")
+    _save_run(tmp_path / "run", {"params": {"w": jnp.ones(2)}}, step=7, metadata={"x": 1})
+    assert latest_run_step(tmp_path / "run") == 7 and run_metadata(tmp_path / "run") == {"x": 1}
+    with pytest.raises(FileNotFoundError, match=r"step 3 in .*run/checkpoints.*\[7\]"):
+        open_run(tmp_path / "run", step=3)
+    with pytest.raises(ValueError, match="checkpoints.*no 'model' entry"):
+        with open_run(tmp_path / "run") as run:
+            run.model_config()

@@ -1,4 +1,5 @@
-"""Host-side data: sources, SFT examples, packing, the grain pipeline, synthetic tasks.
+"""Host-side data: sources, SFT examples, packing, the grain pipeline, preference pairs,
+synthetic tasks.
 
 Batch convention (what the trainers consume): a dict of numpy arrays, all `[B, T]`:
 
@@ -23,7 +24,7 @@ Typical use:
     prompts = data.synthetic.addition_prompts(tok, 100)   # eval: prompt, prompt_ids, answer
 """
 
-from jaxpost.data import packing, prompts, sft, sources, synthetic
+from jaxpost.data import packing, preference, prompts, sft, sources, synthetic
 from jaxpost.data.packing import check_batch, pack_examples, pad_examples, unpack_batch
 from jaxpost.data.pipeline import (
     SFTBatchIterator,
@@ -31,6 +32,14 @@ from jaxpost.data.pipeline import (
     make_sft_dataset,
     make_sft_iterator,
     record_dataset,
+)
+from jaxpost.data.preference import (
+    PreferenceBatches,
+    check_preference_source,
+    encode_pair,
+    open_preference_source,
+    pair_batch,
+    preference_problem,
 )
 from jaxpost.data.prompts import make_prompt_iterator, render_prompt
 from jaxpost.data.sft import (
@@ -55,10 +64,12 @@ from jaxpost.data.sources import (
 
 __all__ = [
     "ArrayRecordSource", "ExampleStats", "InMemorySource", "JsonlSource",
-    "MalformedRecordError", "MappedSource", "SFTBatchIterator", "SFTDataOptions",
-    "SFTExampleBuilder", "TfdsSource", "check_batch", "make_prompt_iterator",
-    "make_sft_dataset", "make_sft_iterator", "open_source", "pack_examples", "packing",
-    "pad_examples", "prompts", "record_dataset", "render_prompt", "sft", "sources",
-    "synthetic", "tokenize_chat", "tokenize_prompt_completion", "tokenize_record",
-    "truncate", "unpack_batch", "validate_record", "write_array_record",
+    "MalformedRecordError", "MappedSource", "PreferenceBatches", "SFTBatchIterator",
+    "SFTDataOptions", "SFTExampleBuilder", "TfdsSource", "check_batch",
+    "check_preference_source", "encode_pair", "make_prompt_iterator", "make_sft_dataset",
+    "make_sft_iterator", "open_preference_source", "open_source", "pack_examples", "packing",
+    "pad_examples", "pair_batch", "preference", "preference_problem", "prompts",
+    "record_dataset", "render_prompt", "sft", "sources", "synthetic", "tokenize_chat",
+    "tokenize_prompt_completion", "tokenize_record", "truncate", "unpack_batch",
+    "validate_record", "write_array_record",
 ]

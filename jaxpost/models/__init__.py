@@ -5,11 +5,12 @@ from jaxpost.models.config import (
     PRESETS, SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling, UnsupportedModelError, preset,
     tiny)
 from jaxpost.models.hf import HFCheckpointError, from_hf, to_hf
+from jaxpost.models.logprobs import token_logprobs
 from jaxpost.models.transformer import (
     Transformer, init_params, param_logical_axes, param_shapes)
 
 __all__ = [
     "KVCache", "ModelConfig", "PRESETS", "RopeScaling", "SUPPORTED_ARCHITECTURES", "Transformer",
     "UnsupportedModelError", "init_params", "param_logical_axes", "param_shapes", "preset", "tiny",
-    "HFCheckpointError", "from_hf", "to_hf",
+    "HFCheckpointError", "from_hf", "to_hf", "token_logprobs",
 ]

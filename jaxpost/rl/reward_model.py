@@ -18,7 +18,8 @@ Metrics: `accuracy` (pairs with `r_c > r_r`; a tie counts 1/2), `margin` (mean
 
 Text. A scored sequence is `encode(prompt + completion)` (BOS prepended when the
 tokenizer adds one and the text does not start with it) followed by EOS: the same rule in
-training (`encode_sequence`) and when scoring GRPO completions (`RewardModelReward`), whose
+training (`encode_sequence`, which lives in `jaxpost.data.preference` with `pad_sequences`
+and is re-exported here) and when scoring GRPO completions (`RewardModelReward`), whose
 prompts are already chat-rendered and whose completions are decoded without special
 tokens.
 
@@ -30,7 +31,6 @@ Use in GRPO (`reward_fns` in a recipe):
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,15 +39,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpost import sharding as sh
+from jaxpost.checkpoint import model_config_from_metadata, open_run
+from jaxpost.data.preference import encode_sequence, pad_sequences
 from jaxpost.models import ModelConfig, Transformer, param_logical_axes, param_shapes
 from jaxpost.models.layers import dtype_of
-from jaxpost.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 BACKBONE = "model"  # params key of the transformer
 HEAD = "score"  # params key of the scalar head
-TRUNCATIONS = ("truncate_left", "truncate_right")
 
 __all__ = [
     "BACKBONE", "HEAD", "RewardModelReward", "bradley_terry_loss", "encode_sequence",
@@ -186,55 +186,6 @@ def make_reward_model_loss(model_cfg: ModelConfig, center_rewards_coefficient: f
     return loss_fn
 
 
-# --------------------------------------------------------------------------------- text
-def encode_sequence(tokenizer: Tokenizer, prompt: str, completion: str, *,
-                    add_eos: bool = True) -> list[int]:
-    """Ids of `prompt + completion` as the reward model sees them.
-
-    BOS is prepended when the tokenizer adds one by default and the text does not start
-    with it (chat templates write their own); EOS is appended when `add_eos` and the text
-    does not already end with it.
-    """
-    ids = tokenizer.encode(prompt + completion)
-    bos, eos = tokenizer.bos_id, tokenizer.eos_id
-    if tokenizer.add_bos and bos is not None and (not ids or ids[0] != bos):
-        ids = [bos] + ids
-    if add_eos and eos is not None and (not ids or ids[-1] != eos):
-        ids = ids + [eos]
-    return ids
-
-
-def pad_sequences(seqs: Sequence[Sequence[int]], seq_len: int, pad_id: int,
-                  truncation: str = "truncate_left") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Right-padded rows of one sequence each.
-
-    Args:
-        seqs: token id lists.
-        seq_len: row width.
-        pad_id: id written into padding.
-        truncation: a longer sequence keeps its last `seq_len` tokens ("truncate_left",
-            so the response and its EOS, which the score reads, survive) or its first
-            ("truncate_right").
-
-    Returns:
-        `(tokens int32 [N, seq_len], segment_ids int32 [N, seq_len], truncated bool [N])`;
-        segment ids are 1 on tokens, 0 on padding.
-    """
-    if truncation not in TRUNCATIONS:
-        raise ValueError(f"truncation={truncation!r}; expected one of {TRUNCATIONS}")
-    n = len(seqs)
-    tokens = np.full((n, seq_len), pad_id, np.int32)
-    seg = np.zeros((n, seq_len), np.int32)
-    truncated = np.zeros((n,), bool)
-    for i, ids in enumerate(seqs):
-        if len(ids) > seq_len:
-            truncated[i] = True
-            ids = ids[-seq_len:] if truncation == "truncate_left" else ids[:seq_len]
-        tokens[i, :len(ids)] = ids
-        seg[i, :len(ids)] = 1
-    return tokens, seg, truncated
-
-
 # ------------------------------------------------------------------------- as a reward
 def load_reward_model(workdir: str, step: int | None = None, mesh=None,
                       rules=sh.DEFAULT_RULES) -> tuple[ModelConfig, dict, dict]:
@@ -250,29 +201,18 @@ def load_reward_model(workdir: str, step: int | None = None, mesh=None,
         FileNotFoundError: no checkpoint (naming the folder).
         ValueError: the checkpoint is not a reward model's.
     """
-    from jaxpost.checkpoint import Checkpointer
-    from jaxpost.train.common import restore_params
-
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"reward model workdir {workdir!r} has no checkpoints/ folder")
-    with Checkpointer(directory, async_save=False) as ckpt:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {directory}")
-        metadata = ckpt.metadata(step)
-    if "reward_model" not in metadata:
-        trainer = metadata.get("config", {}).get("trainer", "?")
-        raise ValueError(f"{directory} (step {step}) was written by trainer {trainer!r}, not by "
-                         "the 'reward_model' trainer; it has no score head")
-    if "model" not in metadata:
-        raise ValueError(f"checkpoint metadata of {workdir!r} has no 'model' entry; was it "
-                         "written by `python -m jaxpost.train`?")
-    model_cfg = ModelConfig.from_dict(metadata["model"])
-    if mesh is None:
-        mesh = sh.make_mesh(sh.MeshConfig(), devices=jax.local_devices())
-    params = restore_params(workdir, rm_param_shapes(model_cfg),
-                            rm_param_shardings(model_cfg, mesh, rules), step)
+    with open_run(workdir, step) as run:
+        metadata = run.metadata()
+        if "reward_model" not in metadata:
+            trainer = metadata.get("config", {}).get("trainer", "?")
+            raise ValueError(f"{run.directory} (step {run.step}) was written by trainer "
+                             f"{trainer!r}, not by the 'reward_model' trainer; it has no score "
+                             "head")
+        model_cfg = model_config_from_metadata(metadata, where=str(run.directory))
+        if mesh is None:
+            mesh = sh.make_mesh(sh.MeshConfig(), devices=jax.local_devices())
+        params = run.restore_params(rm_param_shapes(model_cfg),
+                                    rm_param_shardings(model_cfg, mesh, rules))
     return model_cfg, params, metadata
 
 

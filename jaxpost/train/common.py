@@ -9,6 +9,7 @@ from typing import Any, Callable
 import jax
 
 from jaxpost import sharding as sh
+from jaxpost.checkpoint import restore_params
 from jaxpost.data import synthetic
 from jaxpost.eval.generation import generation_accuracy
 from jaxpost.optim import make_optimizer, make_schedule
@@ -144,25 +145,6 @@ def model_init(section: ModelSection, cfg: ModelConfig, mesh, seed: int,
         return jax.jit(lambda: init_params(cfg, jax.random.key(seed)), out_shardings=shardings)()
 
     return init, abstract, shardings
-
-
-def restore_params(workdir: str, abstract_params, shardings, step: int | None = None):
-    """The params of a jaxpost run's checkpoint (latest, or `step`), onto `shardings`."""
-    from jaxpost.checkpoint import Checkpointer
-
-    directory = os.path.join(workdir, "checkpoints")
-    with Checkpointer(directory, async_save=False) as ckpt:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {directory} to take params from")
-        state, _ = ckpt.restore(step)
-    params = state["params"]
-    expected = jax.tree.structure(abstract_params)
-    if jax.tree.structure(params) != expected:
-        raise ValueError(f"the params in {directory} (step {step}) do not match the model: "
-                         f"{jax.tree.structure(params)} vs {expected}")
-    return jax.tree.map(lambda x, a, s: jax.device_put(x.astype(a.dtype), s),
-                        params, abstract_params, shardings)
 
 
 def setup(model: ModelSection, mesh_section: MeshSection, tokenizer_spec: str):

@@ -6,9 +6,10 @@ One rollout batch (`prompts_per_step` prompts x `num_generations` completions) f
 decode, score with the reward functions, compute advantages; device side: old-policy and
 reference log-probs (each one jitted forward) and the policy step.
 
-Row layout of a rollout batch, width `max_prompt_length + max_completion_length`: the
-prompt left-padded to `max_prompt_length`, then the completion right-padded. Logits at
-columns P-1 .. P+C-2 predict the completion tokens.
+Row layout of a rollout batch (`jaxpost.rl.rollout.build_rows`), width
+`max_prompt_length + max_completion_length`: the prompt left-padded to
+`max_prompt_length`, then the completion right-padded. Logits at columns P-1 .. P+C-2
+predict the completion tokens (`jaxpost.rl.rollout.completion_logprobs`).
 """
 
 from __future__ import annotations
@@ -26,15 +27,15 @@ import numpy as np
 from jaxpost import data
 from jaxpost import sharding as sh
 from jaxpost.eval.generation import pad_prompts
-from jaxpost.models import ModelConfig, Transformer
+from jaxpost.models import ModelConfig
 from jaxpost.optim import OptimizerConfig
 from jaxpost.rl import grpo as G
 from jaxpost.rl.rewards import RewardSet, resolve_reward, reward_metrics
+from jaxpost.rl.rollout import build_rows, completion_logprobs
 from jaxpost.sampling import Sampler, SamplingConfig
 from jaxpost.train.common import (
     EvalSection, GenerationEval, MeshSection, ModelSection, model_init, run_recipe, setup)
 from jaxpost.train.loop import LoopConfig
-from jaxpost.train.sft import token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -101,17 +102,13 @@ class GRPOConfig(LoopConfig):
 
 def make_grpo_loss(model_cfg: ModelConfig, g: GRPOSection):
     """`loss_fn(params, batch, rng)` of the clipped surrogate (+ beta * k3 KL)."""
-    model = Transformer(model_cfg)
     p, c = g.max_prompt_length, g.max_completion_length
     eps_high = g.epsilon_high or g.epsilon
 
     def loss_fn(params, batch, rng):
         del rng
-        logits = model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
-                             segment_ids=batch["segment_ids"])
-        logits = logits[:, p - 1:p + c - 1].astype(jnp.float32) / g.temperature
-        completion = batch["tokens"][:, p:]
-        logp = token_logprobs(logits, completion)
+        logp, logits = completion_logprobs(model_cfg, params, batch, p, c, g.temperature,
+                                           return_logits=True)
         mask = batch["completion_mask"]
         # The first update on a rollout batch uses the current policy as the old one, so its
         # ratio is exactly 1; later iterations use the stored old-policy log-probs.
@@ -132,36 +129,13 @@ def make_grpo_loss(model_cfg: ModelConfig, g: GRPOSection):
 def make_logprob_fn(model_cfg: ModelConfig, g: GRPOSection, mesh, param_shardings, rules=sh.DEFAULT_RULES):
     """Jitted `(params, rows) -> logp [N, C]` of the completion tokens (old / reference);
     `rows` holds `tokens`, `positions` and `segment_ids` as laid out by `build_rows`."""
-    model = Transformer(model_cfg)
     p, c = g.max_prompt_length, g.max_completion_length
 
     def fn(params, rows):
         with sh.logical_rules(mesh, rules):
-            logits = model.apply({"params": params}, rows["tokens"], positions=rows["positions"],
-                                 segment_ids=rows["segment_ids"])
-        logits = logits[:, p - 1:p + c - 1].astype(jnp.float32) / g.temperature
-        return token_logprobs(logits, rows["tokens"][:, p:])
+            return completion_logprobs(model_cfg, params, rows, p, c, g.temperature)
 
     return jax.jit(fn, in_shardings=(param_shardings, None))
-
-
-def build_rows(prompt_ids: list[list[int]], completions: np.ndarray, lengths: np.ndarray,
-               p: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Rows [N, P + C]: left-padded prompt then right-padded completion, with segment ids,
-    positions and the completion mask [N, C]."""
-    n, c = completions.shape
-    tokens = np.full((n, p + c), pad_id, np.int32)
-    seg = np.zeros((n, p + c), np.int32)
-    for i, ids in enumerate(prompt_ids):
-        ids = ids[-p:]
-        tokens[i, p - len(ids):p] = ids
-        seg[i, p - len(ids):p] = 1
-    comp_mask = (np.arange(c)[None, :] < lengths[:, None])
-    tokens[:, p:] = np.where(comp_mask, completions, pad_id)
-    seg[:, p:] = comp_mask
-    positions = np.maximum(np.cumsum(seg, axis=1) - 1, 0).astype(np.int32)
-    return {"tokens": tokens, "positions": positions, "segment_ids": seg,
-            "completion_mask": comp_mask.astype(np.float32)}
 
 
 class GRPOTask:

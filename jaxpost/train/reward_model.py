@@ -1,15 +1,9 @@
 """Reward-model training: a Bradley–Terry scalar head on a (pretrained or SFT) transformer,
 trained on preference pairs, evaluated by held-out pairwise accuracy.
 
-Records: `{"prompt": ..., "chosen": ..., "rejected": ...}` (TRL's preference format).
-`prompt` is a string or a list of chat messages (it may be left out: then `chosen` and
-`rejected` are whole texts, or whole conversations whose earlier messages are the prompt);
-`chosen` / `rejected` are strings or message lists ending with the assistant's response.
-Each side becomes `encode(prompt_text + response) + EOS` (`jaxpost.rl.reward_model.
-encode_sequence`), the same text a GRPO reward call scores.
-
-Batches (numpy, this process's rows): `chosen_tokens`, `chosen_segment_ids`,
-`rejected_tokens`, `rejected_segment_ids`, all int32 `[pairs, seq_len]`, right-padded.
+Records (TRL's `{"prompt", "chosen", "rejected"}` preference format), their encoding and
+the batches are `jaxpost.data.preference`; the head and the loss are
+`jaxpost.rl.reward_model`. This module is the recipe: config, task, held-out eval.
 
     python -m jaxpost.train --config=configs/rm_demo.py --config.workdir=/tmp/rm_demo
 """
@@ -18,22 +12,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Literal
 
 import jax
 import numpy as np
 
-from jaxpost import data
 from jaxpost import sharding as sh
-from jaxpost.data import synthetic
+from jaxpost.checkpoint import latest_run_step, restore_params, run_metadata
+from jaxpost.data.preference import (
+    PreferenceBatches, check_preference_source, encode_pair, open_preference_source, pair_batch,
+    preference_problem)
 from jaxpost.models import ModelConfig
 from jaxpost.optim import OptimizerConfig
 from jaxpost.rl import reward_model as rm
 from jaxpost.tokenizer import Tokenizer
-from jaxpost.train.common import (
-    MeshSection, ModelSection, model_init, restore_params, run_recipe, setup)
+from jaxpost.train.common import MeshSection, ModelSection, model_init, run_recipe, setup
 from jaxpost.train.loop import LoopConfig
 
 log = logging.getLogger(__name__)
@@ -101,174 +95,6 @@ class RewardModelConfig(LoopConfig):
     optimizer: OptimizerConfig = OptimizerConfig(lr=1e-5)
     mesh: MeshSection = MeshSection()
     eval: PreferenceEvalSection = PreferenceEvalSection()
-
-
-# ------------------------------------------------------------------------------ records
-def _messages_problem(value: Any, field: str) -> str | None:
-    if not value:
-        return f"'{field}' is an empty list; expected at least one message"
-    for i, m in enumerate(value):
-        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(
-                m.get("content"), str):
-            return f"'{field}[{i}]' must be {{'role': str, 'content': str}}, got {m!r:.80}"
-    return None
-
-
-def preference_problem(record: Any) -> str | None:
-    """What is wrong with a preference record, or None if it is valid."""
-    if not isinstance(record, Mapping):
-        return (f"record is a {type(record).__name__}, expected an object with 'prompt', "
-                "'chosen' and 'rejected'")
-    for field in ("chosen", "rejected"):
-        if field not in record:
-            return (f"record has keys {sorted(record)}; missing '{field}' (a preference "
-                    "record needs 'chosen' and 'rejected', and usually 'prompt')")
-        value = record[field]
-        if isinstance(value, list):
-            problem = _messages_problem(value, field)
-            if problem:
-                return problem
-            if value[-1]["role"] != "assistant":
-                return (f"'{field}' ends with a {value[-1]['role']!r} message; its last message "
-                        "must be the assistant's response")
-        elif not isinstance(value, str):
-            return (f"'{field}' is {type(value).__name__}, expected a string or a list of "
-                    "messages")
-    prompt = record.get("prompt")
-    if prompt is not None and not isinstance(prompt, str):
-        problem = _messages_problem(prompt, "prompt") if isinstance(prompt, list) else (
-            f"'prompt' is {type(prompt).__name__}, expected a string or a list of messages")
-        if problem:
-            return problem
-    return None
-
-
-def _side_texts(tokenizer: Tokenizer, record: Mapping[str, Any], field: str,
-                chat: bool) -> tuple[str, str]:
-    """(prompt text, response text) of one side of a preference record."""
-    value, prompt = record[field], record.get("prompt")
-    prefix, response = ([], value) if isinstance(value, str) else (value[:-1], value[-1]["content"])
-    if prompt is None or prompt == "":
-        messages = list(prefix)
-    elif isinstance(prompt, list):
-        messages = list(prompt) + list(prefix)
-    elif chat or prefix:
-        messages = [{"role": "user", "content": prompt}] + list(prefix)
-    else:
-        return prompt, response
-    if not messages:
-        return "", response
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True), response
-
-
-def encode_pair(tokenizer: Tokenizer, record: Mapping[str, Any], *,
-                chat: bool = True) -> tuple[list[int], list[int]]:
-    """(chosen ids, rejected ids) of a valid preference record, EOS-terminated."""
-    return tuple(rm.encode_sequence(tokenizer, *_side_texts(tokenizer, record, f, chat))
-                 for f in ("chosen", "rejected"))
-
-
-def open_preference_source(spec: str, *, split: str = "train", data_dir: str | None = None,
-                           num_records: int = 20000, seed: int = 0,
-                           skip_malformed: bool = False) -> Any:
-    """A source of preference records; `"synthetic:addition[:D]"` gives
-    `synthetic.addition_preference_records`, anything else goes to `data.open_source`."""
-    if spec.startswith("synthetic:"):
-        records = synthetic.addition_preference_records(
-            num_records, seed=seed, split=split, max_digits=synthetic.parse_spec(spec))
-        return data.InMemorySource(records, schema=None)
-    return data.open_source(spec, split=split, data_dir=data_dir, schema=None,
-                            skip_malformed=skip_malformed)
-
-
-def check_preference_source(source: Any, name: str) -> None:
-    """Checks every record; raises `MalformedRecordError` naming the first bad one's
-    file and line (or index) and the field."""
-    locate = getattr(source, "location", None)
-    for i in range(len(source)):
-        problem = preference_problem(source[i])
-        if problem:
-            where = "%s:%d" % locate(i) if locate else f"{name} record {i}"
-            raise data.MalformedRecordError(f"{where}: {problem}")
-
-
-# ------------------------------------------------------------------------------ batches
-class PreferenceBatches:
-    """Batches of preference pairs from a list of record indices, with resumable state.
-
-    This process reads every `process_count`-th index; each epoch visits them in a
-    permutation seeded by `(seed, epoch)`. The state is `{epoch, position}` plus the
-    truncated / dropped counts.
-    """
-
-    STATE_FORMAT = "jaxpost.reward_model.preference_batches/1"
-
-    def __init__(self, source: Any, indices: Sequence[int], tokenizer: Tokenizer, *,
-                 batch_size: int, seq_len: int, truncation: str = "truncate_left",
-                 chat: bool = True, seed: int = 0, shuffle: bool = True,
-                 process_index: int = 0, process_count: int = 1):
-        self.indices = np.asarray(indices, np.int64)[process_index::process_count]
-        if not len(self.indices):
-            raise ValueError("no preference records left for training (after hold-out, on "
-                             f"process {process_index} of {process_count})")
-        self.source, self.tokenizer = source, tokenizer
-        self.batch_size, self.seq_len, self.truncation = batch_size, seq_len, truncation
-        self.chat, self.seed, self.shuffle = chat, seed, shuffle
-        self.epoch = self.position = self.truncated = self.dropped = 0
-        self._order = self._epoch_order(0)
-
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return self.indices
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.indices))
-        return self.indices[order]
-
-    def __iter__(self) -> PreferenceBatches:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        chosen, rejected = [], []
-        skipped = 0
-        while len(chosen) < self.batch_size:
-            if self.position >= len(self._order):
-                self.epoch, self.position = self.epoch + 1, 0
-                self._order = self._epoch_order(self.epoch)
-            index = int(self._order[self.position])
-            self.position += 1
-            c, r = encode_pair(self.tokenizer, self.source[index], chat=self.chat)
-            if max(len(c), len(r)) > self.seq_len:
-                if self.truncation == "drop":
-                    self.dropped += 1
-                    skipped += 1
-                    if skipped > len(self.indices):
-                        raise ValueError(f"every preference pair is longer than data.seq_len="
-                                         f"{self.seq_len} tokens and data.truncation='drop'")
-                    continue
-                self.truncated += 1
-            chosen.append(c)
-            rejected.append(r)
-        return pair_batch(chosen, rejected, self.seq_len, self.tokenizer.pad_id, self.truncation)
-
-    def get_state(self) -> dict[str, Any]:
-        return {"format": self.STATE_FORMAT, "epoch": self.epoch, "position": self.position,
-                "truncated": self.truncated, "dropped": self.dropped}
-
-    def set_state(self, state: Mapping[str, Any]) -> None:
-        if state.get("format") != self.STATE_FORMAT:
-            raise ValueError(f"not a preference-batch state (format {state.get('format')!r})")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self.truncated, self.dropped = int(state["truncated"]), int(state["dropped"])
-        self._order = self._epoch_order(self.epoch)
-
-
-def pair_batch(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]], seq_len: int,
-               pad_id: int, truncation: str = "truncate_left") -> dict[str, np.ndarray]:
-    """The batch dict of paired id lists (right-padded to `seq_len`)."""
-    mode = "truncate_right" if truncation == "truncate_right" else "truncate_left"
-    ct, cs, _ = rm.pad_sequences(chosen, seq_len, pad_id, mode)
-    rt, rs, _ = rm.pad_sequences(rejected, seq_len, pad_id, mode)
-    return {"chosen_tokens": ct, "chosen_segment_ids": cs,
-            "rejected_tokens": rt, "rejected_segment_ids": rs}
 
 
 # --------------------------------------------------------------------------------- eval
@@ -390,13 +216,9 @@ class RewardModelTask:
 
 # -------------------------------------------------------------------------------- train
 def _is_reward_model_workdir(workdir: str) -> bool:
-    from jaxpost.checkpoint import Checkpointer
-
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
+    if latest_run_step(workdir) is None:
         return False  # model_init reports the missing checkpoint
-    with Checkpointer(directory, async_save=False) as ckpt:
-        return ckpt.latest_step() is not None and "reward_model" in ckpt.metadata()
+    return "reward_model" in run_metadata(workdir)
 
 
 def train(cfg: RewardModelConfig):

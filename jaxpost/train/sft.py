@@ -14,19 +14,11 @@ import jax.numpy as jnp
 
 from jaxpost import data
 from jaxpost import sharding as sh
-from jaxpost.models import ModelConfig, Transformer
+from jaxpost.models import ModelConfig, Transformer, token_logprobs
 from jaxpost.optim import OptimizerConfig
 from jaxpost.train.common import (
     EvalSection, GenerationEval, MeshSection, ModelSection, model_init, run_recipe, setup)
 from jaxpost.train.loop import LoopConfig
-
-
-def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """log p(target) per position in float32: logits [B, T, V], targets [B, T] -> [B, T]."""
-    logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return picked - lse
 
 
 def make_sft_loss(cfg: ModelConfig):

@@ -100,27 +100,6 @@ def test_zero_head_scores_every_sequence_as_its_bias():
     np.testing.assert_allclose(score(params, tokens, seg), [0.25, 0.25])
 
 
-def test_pad_sequences_truncation_keeps_the_end_or_the_start():
-    seqs = [[1, 2, 3, 4, 5, 6], [7, 8]]
-    t, s, trunc = rm.pad_sequences(seqs, 4, 0, "truncate_left")
-    np.testing.assert_array_equal(t, [[3, 4, 5, 6], [7, 8, 0, 0]])
-    np.testing.assert_array_equal(s, [[1, 1, 1, 1], [1, 1, 0, 0]])
-    np.testing.assert_array_equal(trunc, [True, False])
-    t, _, _ = rm.pad_sequences(seqs, 4, 0, "truncate_right")
-    np.testing.assert_array_equal(t[0], [1, 2, 3, 4])
-    with pytest.raises(ValueError, match="truncation"):
-        rm.pad_sequences(seqs, 4, 0, "middle")
-
-
-def test_encode_sequence_adds_eos_once_and_keeps_template_bos():
-    ids = rm.encode_sequence(TOK, "<bos><|user|>q<|assistant|>", "a")
-    assert ids[0] == TOK.bos_id and ids.count(TOK.bos_id) == 1 and ids[-1] == TOK.eos_id
-    assert rm.encode_sequence(TOK, "<bos>q", "a<eos>") == rm.encode_sequence(TOK, "<bos>q", "a")
-    plain = rm.encode_sequence(TOK, "q", "a")  # plain text: BOS added, as the tokenizer does
-    assert plain[0] == TOK.bos_id
-    assert rm.encode_sequence(TOK, "q", "a", add_eos=False)[-1] == ord("a")
-
-
 def test_loss_on_8_device_mesh_equals_one_device():
     mesh = sh.make_mesh(sh.MeshConfig(fsdp=-1))
     shardings = rm.rm_param_shardings(CFG, mesh)

@@ -1,4 +1,5 @@
-"""The GRPO trainer: row layout, first-iteration ratio, sharding equality, end to end."""
+"""The GRPO trainer: first-iteration ratio, sharding equality, end to end (row layout:
+tests/rl/test_rollout.py)."""
 
 import json
 
@@ -11,22 +12,14 @@ from jaxpost.config import to_config_dict
 from jaxpost.models import init_params, tiny
 from jaxpost.optim import OptimizerConfig, make_optimizer
 from jaxpost.rl.rewards import RewardFunctionError
-from jaxpost.train.grpo import GRPOConfig, GRPOSection, build_rows, make_grpo_loss, train
+from jaxpost.rl.rollout import build_rows
+from jaxpost.train.grpo import GRPOConfig, GRPOSection, make_grpo_loss, train
 from jaxpost.train.state import TrainState
 from jaxpost.train.step import make_train_step, state_shardings
 
 CFG = tiny("llama", num_layers=1, vocab_size=64)
 G = GRPOSection(num_generations=4, prompts_per_step=2, max_prompt_length=5,
                 max_completion_length=4, beta=0.04, num_iterations=2, loss_type="grpo")
-
-
-def test_build_rows_left_pads_prompts_and_right_pads_completions():
-    rows = build_rows([[7, 8], [1, 2, 3, 4, 5, 6]], np.array([[9, 10, 11], [12, 13, 14]]),
-                      np.array([2, 3]), p=4, pad_id=0)
-    np.testing.assert_array_equal(rows["tokens"], [[0, 0, 7, 8, 9, 10, 0], [3, 4, 5, 6, 12, 13, 14]])
-    np.testing.assert_array_equal(rows["segment_ids"], [[0, 0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]])
-    np.testing.assert_array_equal(rows["positions"], [[0, 0, 0, 1, 2, 3, 3], [0, 1, 2, 3, 4, 5, 6]])
-    np.testing.assert_array_equal(rows["completion_mask"], [[1, 1, 0], [1, 1, 1]])
 
 
 def _rollout_batch(seed=0, first=1.0):

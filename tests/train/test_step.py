@@ -9,7 +9,7 @@ import pytest
 from jaxpost import sharding as sh
 from jaxpost.models import init_params, tiny
 from jaxpost.optim import OptimizerConfig, make_optimizer
-from jaxpost.train.sft import make_sft_loss, token_logprobs
+from jaxpost.train.sft import make_sft_loss
 from jaxpost.train.state import TrainState
 from jaxpost.train.step import make_train_step, split_microbatches, state_shardings, train_step
 
@@ -44,13 +44,6 @@ def test_sft_loss_equals_numpy_masked_mean_nll():
     np.testing.assert_allclose(float(loss_sum), (nll * mask).sum(), rtol=1e-5)
     assert float(count) == mask.sum()
     assert 0.0 <= float(aux["token_accuracy"][0]) <= float(count)
-
-
-def test_token_logprobs_matches_log_softmax():
-    logits = jax.random.normal(jax.random.key(0), (2, 3, 7))
-    targets = jnp.array([[0, 6, 3], [1, 1, 2]])
-    expected = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
-    np.testing.assert_allclose(token_logprobs(logits, targets), expected, atol=1e-6)
 
 
 def test_split_microbatches_is_strided_and_checks_divisibility():

@@ -1,0 +1,77 @@
+"""Rollout rows and completion log-probabilities: the pure pieces a policy-gradient
+trainer builds from sampled completions.
+
+Row layout, width `P + C` (`P = prompt_len`, `C = completion_len`): the prompt
+left-padded to `P` (a longer prompt keeps its last `P` tokens), then the completion
+right-padded to `C`. Segment ids are 1 on real tokens and 0 on padding; positions count
+real tokens from 0 at the first prompt token. Logits at columns `P-1 .. P+C-2` predict
+the completion tokens (columns `P .. P+C-1`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpost.models import ModelConfig, Transformer, token_logprobs
+
+
+def build_rows(prompt_ids: list[list[int]], completions: np.ndarray, lengths: np.ndarray,
+               p: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Rows [N, P + C]: left-padded prompt then right-padded completion, with segment ids,
+    positions and the completion mask [N, C].
+
+    Args:
+        prompt_ids: N prompt id lists (longer than `p`: their last `p` ids are kept).
+        completions: int [N, C] sampled ids (values past a row's length are ignored).
+        lengths: int [N] completion lengths.
+        p: prompt width P.
+        pad_id: id written into padding.
+
+    Returns:
+        `tokens`, `positions`, `segment_ids` (int32 [N, P + C]) and `completion_mask`
+        (float32 [N, C], 1 on the first `lengths[i]` completion tokens).
+    """
+    n, c = completions.shape
+    tokens = np.full((n, p + c), pad_id, np.int32)
+    seg = np.zeros((n, p + c), np.int32)
+    for i, ids in enumerate(prompt_ids):
+        ids = ids[-p:]
+        tokens[i, p - len(ids):p] = ids
+        seg[i, p - len(ids):p] = 1
+    comp_mask = (np.arange(c)[None, :] < lengths[:, None])
+    tokens[:, p:] = np.where(comp_mask, completions, pad_id)
+    seg[:, p:] = comp_mask
+    positions = np.maximum(np.cumsum(seg, axis=1) - 1, 0).astype(np.int32)
+    return {"tokens": tokens, "positions": positions, "segment_ids": seg,
+            "completion_mask": comp_mask.astype(np.float32)}
+
+
+def completion_logits(model_cfg: ModelConfig, params, rows, prompt_len: int,
+                      completion_len: int, temperature: float) -> jax.Array:
+    """float32 logits [N, C, V] / `temperature` that predict the completion tokens of
+    `rows` (`tokens`, `positions`, `segment_ids` laid out as by `build_rows`)."""
+    logits = Transformer(model_cfg).apply(
+        {"params": params}, rows["tokens"], positions=rows["positions"],
+        segment_ids=rows["segment_ids"])
+    p, c = prompt_len, completion_len
+    return logits[:, p - 1:p + c - 1].astype(jnp.float32) / temperature
+
+
+def completion_logprobs(model_cfg: ModelConfig, params, rows, prompt_len: int,
+                        completion_len: int, temperature: float, *,
+                        return_logits: bool = False):
+    """log p(completion token) [N, C] under `log_softmax(logits / temperature)`.
+
+    The same quantity the sampler reports (before top-k / top-p truncation), recomputed
+    with one forward pass over `rows`. With `return_logits`, returns `(logp, logits)`,
+    `logits` as `completion_logits` gives them (e.g. for the entropy).
+    """
+    logits = completion_logits(model_cfg, params, rows, prompt_len, completion_len,
+                               temperature)
+    logp = token_logprobs(logits, rows["tokens"][:, prompt_len:])
+    return (logp, logits) if return_logits else logp
+
+
+__all__ = ["build_rows", "completion_logits", "completion_logprobs"]
