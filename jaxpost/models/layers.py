@@ -117,3 +117,11 @@ class MLP(nn.Module):
         up = Linear(cfg.intermediate_size, ("embed", "mlp"), cfg, name="up_proj")(x)
         h = constrain(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
         return Linear(cfg.hidden_size, ("mlp", "embed"), cfg, name="down_proj")(h)
+
+
+def dropout_rngs(cfg: ModelConfig, rng: jax.Array | None) -> dict | None:
+    """The `rngs` of a training forward pass: `{"dropout": rng}` when the model has LoRA
+    dropout and an rng is given, else None (evaluation, sampling, reference passes)."""
+    if rng is None or cfg.lora_dropout <= 0.0:
+        return None
+    return {"dropout": rng}

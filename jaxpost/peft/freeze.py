@@ -50,9 +50,11 @@ class Rules:
 
     freeze: tuple[tuple[str, str], ...] = ()  # (pattern, origin such as "freeze")
     trainable: tuple[tuple[str, str], ...] = ()
+    keep: tuple[tuple[str, str], ...] = ()  # train unless `freeze` names them, whatever `trainable` says (a reward head)
 
     def __add__(self, other: "Rules") -> "Rules":
-        return Rules(self.freeze + other.freeze, self.trainable + other.trainable)
+        return Rules(self.freeze + other.freeze, self.trainable + other.trainable,
+                     self.keep + other.keep)
 
 
 def _layers(num_layers: int, idx: Sequence[int]) -> str:
@@ -176,7 +178,7 @@ def trainable_mask(params_or_shapes, rules: Rules, *, frozen_by_default: bool = 
     """
     names = leaf_hf_names(params_or_shapes)
     flat = [n for ns in names.values() for n in ns]
-    for pattern, origin in rules.freeze + rules.trainable:
+    for pattern, origin in rules.freeze + rules.trainable + rules.keep:
         if not any(re.search(pattern, n) for n in flat):
             raise _no_match_error(pattern, origin, flat)
     restrict = frozen_by_default or bool(rules.trainable)
@@ -184,7 +186,8 @@ def trainable_mask(params_or_shapes, rules: Rules, *, frozen_by_default: bool = 
     def trains(name: str) -> bool:
         if any(re.search(p, name) for p, _ in rules.freeze):
             return False
-        return not restrict or any(re.search(p, name) for p, _ in rules.trainable)
+        return (not restrict or any(re.search(p, name) for p, _ in rules.trainable)
+                or any(re.search(p, name) for p, _ in rules.keep))
 
     def leaf_mask(key_path, leaf):
         del leaf

@@ -42,7 +42,7 @@ from jaxpost import sharding as sh
 from jaxpost.checkpoint import model_config_from_metadata, open_run
 from jaxpost.data.preference import encode_sequence, pad_sequences
 from jaxpost.models import ModelConfig, Transformer, param_logical_axes, param_shapes
-from jaxpost.models.layers import dtype_of
+from jaxpost.models.layers import dropout_rngs, dtype_of
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,8 @@ def last_token_index(segment_ids: jax.Array) -> jax.Array:
 
 
 def reward_scores(model_cfg: ModelConfig, params: dict, tokens: jax.Array,
-                  segment_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+                  segment_ids: jax.Array, positions: jax.Array | None = None,
+                  rng: jax.Array | None = None) -> jax.Array:
     """Scalar score of each row: the head on the last real token's hidden state.
 
     Args:
@@ -120,13 +121,14 @@ def reward_scores(model_cfg: ModelConfig, params: dict, tokens: jax.Array,
         segment_ids: int32 [B, T], non-zero on real tokens, 0 on padding.
         positions: int32 [B, T] RoPE positions; default 0..T-1, right for right padding
             (left-padded rows need positions counting from their first real token).
+        rng: LoRA dropout in training passes (None: deterministic).
 
     Returns:
         float32 [B].
     """
     hidden = Transformer(model_cfg).apply(
         {"params": params[BACKBONE]}, tokens, positions=positions, segment_ids=segment_ids,
-        return_hidden=True)
+        return_hidden=True, rngs=dropout_rngs(model_cfg, rng))
     last = last_token_index(segment_ids)
     h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
     head = params[HEAD]
@@ -174,12 +176,11 @@ def make_reward_model_loss(model_cfg: ModelConfig, center_rewards_coefficient: f
     forward pass.
     """
     def loss_fn(params, batch, rng):
-        del rng  # no dropout in these models
         b = batch["chosen_tokens"].shape[0]
         tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], axis=0)
         seg = jnp.concatenate([batch["chosen_segment_ids"], batch["rejected_segment_ids"]],
                               axis=0)
-        scores = reward_scores(model_cfg, params, tokens, seg)
+        scores = reward_scores(model_cfg, params, tokens, seg, rng=rng)
         return bradley_terry_loss(scores[:b], scores[b:], batch.get("pair_weight"),
                                   center_rewards_coefficient)
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpost.models import ModelConfig, Transformer, token_logprobs
+from jaxpost.models.layers import dropout_rngs
 
 
 def build_rows(prompt_ids: list[list[int]], completions: np.ndarray, lengths: np.ndarray,
@@ -49,19 +50,21 @@ def build_rows(prompt_ids: list[list[int]], completions: np.ndarray, lengths: np
 
 
 def completion_logits(model_cfg: ModelConfig, params, rows, prompt_len: int,
-                      completion_len: int, temperature: float) -> jax.Array:
+                      completion_len: int, temperature: float,
+                      rng: jax.Array | None = None) -> jax.Array:
     """float32 logits [N, C, V] / `temperature` that predict the completion tokens of
-    `rows` (`tokens`, `positions`, `segment_ids` laid out as by `build_rows`)."""
+    `rows` (`tokens`, `positions`, `segment_ids` laid out as by `build_rows`); `rng`
+    drives LoRA dropout in training passes (None: deterministic)."""
     logits = Transformer(model_cfg).apply(
         {"params": params}, rows["tokens"], positions=rows["positions"],
-        segment_ids=rows["segment_ids"])
+        segment_ids=rows["segment_ids"], rngs=dropout_rngs(model_cfg, rng))
     p, c = prompt_len, completion_len
     return logits[:, p - 1:p + c - 1].astype(jnp.float32) / temperature
 
 
 def completion_logprobs(model_cfg: ModelConfig, params, rows, prompt_len: int,
                         completion_len: int, temperature: float, *,
-                        return_logits: bool = False):
+                        return_logits: bool = False, rng: jax.Array | None = None):
     """log p(completion token) [N, C] under `log_softmax(logits / temperature)`.
 
     The same quantity the sampler reports (before top-k / top-p truncation), recomputed
@@ -69,7 +72,7 @@ def completion_logprobs(model_cfg: ModelConfig, params, rows, prompt_len: int,
     `logits` as `completion_logits` gives them (e.g. for the entropy).
     """
     logits = completion_logits(model_cfg, params, rows, prompt_len, completion_len,
-                               temperature)
+                               temperature, rng)
     logp = token_logprobs(logits, rows["tokens"][:, prompt_len:])
     return (logp, logits) if return_logits else logp
 

@@ -1,4 +1,5 @@
-"""Config sections every recipe shares (model, mesh) and how they become objects."""
+"""What every recipe shares: its base config (model, optimizer, mesh, which params
+train, LoRA), and how those sections become a model config, params and a loop run."""
 
 from __future__ import annotations
 
@@ -9,14 +10,17 @@ from typing import Any, Callable
 import jax
 
 from jaxpost import sharding as sh
-from jaxpost.checkpoint import restore_params
+from jaxpost.checkpoint import open_run, restore_params
 from jaxpost.data import synthetic
 from jaxpost.eval.generation import generation_accuracy
-from jaxpost.optim import make_optimizer, make_schedule
-from jaxpost.sampling import Sampler, SamplingConfig
-from jaxpost.train.loop import run
 from jaxpost.models import ModelConfig, from_hf, init_params, param_shapes, preset
 from jaxpost.models.config import PRESETS
+from jaxpost.optim import OptimizerConfig, make_optimizer, make_schedule
+from jaxpost.peft import lora as L
+from jaxpost.peft import partition
+from jaxpost.peft.freeze import Mask, Rules, make_rules, trainable_mask
+from jaxpost.sampling import Sampler, SamplingConfig
+from jaxpost.train.loop import LoopConfig, run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,11 +144,26 @@ def model_init(section: ModelSection, cfg: ModelConfig, mesh, seed: int,
                                                                  "remat_policy")})
             return params
         if section.init_from:
-            return restore_params(section.init_from, abstract, shardings,
-                                  section.init_step or None)
+            return params_of_run(section.init_from, section.init_step or None, abstract,
+                                  shardings)
         return jax.jit(lambda: init_params(cfg, jax.random.key(seed)), out_shardings=shardings)()
 
     return init, abstract, shardings
+
+
+def params_of_run(workdir: str, step: int | None, abstract, shardings):
+    """Another run's params as the start of this one (LoRA adapters merged in)."""
+    with open_run(workdir, step) as ckpt:
+        params = ckpt.params()
+        scale = ckpt.model_config().lora_scale if L.has_adapters(params) else 0.0
+    if scale:
+        params = L.merge_adapters(params, scale)
+    if jax.tree.structure(params) != jax.tree.structure(abstract):
+        raise ValueError(f"the params of {workdir} (step {step or 'latest'}) do not match "
+                         f"the model: {jax.tree.structure(params)} vs "
+                         f"{jax.tree.structure(abstract)}")
+    return jax.tree.map(lambda x, a, sh_: jax.device_put(x.astype(a.dtype), sh_),
+                        params, abstract, shardings)
 
 
 def setup(model: ModelSection, mesh_section: MeshSection, tokenizer_spec: str):
@@ -163,12 +182,112 @@ def setup(model: ModelSection, mesh_section: MeshSection, tokenizer_spec: str):
     return tokenizer, mesh, model_cfg
 
 
-def run_recipe(cfg, task, model_cfg: ModelConfig, mesh, init, abstract, shardings,
-               **extra_metadata: Any):
+@dataclasses.dataclass(frozen=True)
+class RecipeConfig(LoopConfig):
+    """The keys every trainer's recipe shares (SFT, GRPO, reward model): declared once."""
+
+    model: ModelSection = ModelSection()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    mesh: MeshSection = MeshSection()
+    freeze: tuple[str, ...] = ()  # regexes searched in HF tensor names (model.layers.3.mlp.down_proj.weight): matching tensors are frozen
+    trainable: tuple[str, ...] = ()  # if non-empty, tensors matching none of these are frozen (with LoRA: base tensors that train besides the adapters)
+    freeze_preset: str = ""  # "mid_mlp(a,b)" (layers a..b-1), "qk_only", "attention_only", "mlp_only", "hft(seed)" (Half Fine-Tuning); see jaxpost.peft.freeze
+    lora: L.LoraConfig = L.LoraConfig()  # LoRA adapters (rank 0: off); the base is frozen except tensors `trainable` names
+
+
+@dataclasses.dataclass
+class ParamsPlan:
+    """The params a recipe trains: how to make them, their shapes and shardings, which
+    of them train, and the model config that applies them (LoRA scale included)."""
+
+    model_cfg: ModelConfig
+    init: Callable[[], Any]  # the starting params (adapters attached), on `shardings`
+    abstract: Any  # jax.ShapeDtypeStruct of every param
+    shardings: Any  # NamedSharding of every param
+    mask: Mask  # jaxpost.peft.freeze mask: True / False / per-layer bools
+    lora: L.LoraConfig
+
+    @property
+    def counts(self) -> partition.ParamCounts:
+        return partition.count_params(self.abstract, self.mask)
+
+
+def plan_params(cfg: RecipeConfig, model_cfg: ModelConfig, init: Callable[[], Any], abstract,
+                shardings, logical_axes, mesh, *, rules=sh.DEFAULT_RULES,
+                extra_rules: Rules = Rules()) -> ParamsPlan:
+    """Applies the recipe's `freeze`, `trainable`, `freeze_preset` and `lora` keys to a
+    base params description (a model's, or a reward model's with its head).
+
+    Args:
+      cfg: the recipe.
+      model_cfg: the base model's config.
+      init, abstract, shardings: the base params' init function, shapes and shardings.
+      logical_axes: the base params' logical axis names (adapters shard like their base).
+      mesh: the device mesh.
+      rules: logical-axis rules.
+      extra_rules: rules a trainer adds (the reward model keeps its head trainable).
+
+    Raises:
+      jaxpost.peft.freeze.FreezeRuleError / jaxpost.peft.lora.LoraError: a rule or
+        target matches no tensor (both name it and a few real names).
+    """
+    user = make_rules(cfg.freeze, cfg.trainable, cfg.freeze_preset, model_cfg.num_layers)
+    if not cfg.lora.enabled:
+        mask = trainable_mask(abstract, user + extra_rules)
+        return ParamsPlan(model_cfg, init, abstract, shardings, mask, cfg.lora)
+    targets = L.lora_targets(abstract, cfg.lora)
+    base_mask = trainable_mask(abstract, user + extra_rules, frozen_by_default=True)
+    adapter_rng = jax.random.fold_in(jax.random.key(cfg.seed), 2)
+    adapter_shapes = jax.eval_shape(lambda: L.init_adapters(abstract, cfg.lora, adapter_rng))
+    adapter_shardings = sh.logical_to_shardings(
+        L.adapter_logical_axes(logical_axes, targets), adapter_shapes, mesh, rules)
+
+    def init_with_adapters():
+        adapters = jax.jit(lambda: L.init_adapters(abstract, cfg.lora, adapter_rng),
+                           out_shardings=adapter_shardings)()
+        return L.attach_adapters(init(), adapters)
+
+    return ParamsPlan(
+        model_cfg=L.with_lora(model_cfg, cfg.lora), init=init_with_adapters,
+        abstract=L.attach_adapters(abstract, adapter_shapes),
+        shardings=partition.combine(shardings, adapter_shardings),
+        mask=partition.combine(base_mask, L.adapter_mask(targets)), lora=cfg.lora)
+
+
+def reference_params(plan: ParamsPlan) -> Callable[[Any], Any]:
+    """`fn(state) -> params of the run's starting policy` (GRPO's KL reference).
+
+    Built from the run's start, never from the current or resumed state: the frozen
+    params are shared with the state (no copy); trainable base tensors get one copy of
+    their starting values, rebuilt with `plan.init` (deterministic: HF weights, the
+    `init_from` checkpoint, or the seeded random init), so a resumed run keeps the same
+    anchor. Under LoRA the adapters are left out (the base with the adapter off), so
+    plain LoRA keeps no second copy of any weight.
+    """
+    stored: dict[str, Any] = {}
+
+    def reference(state):
+        base_trainable = L.strip_adapters(state.trainable)
+        if not jax.tree.leaves(base_trainable):
+            return state.frozen
+        if "start" not in stored:
+            start, _ = partition.split(plan.init(), plan.mask)
+            stored["start"] = L.strip_adapters(start)
+        return partition.combine(state.frozen, stored["start"])
+
+    return reference
+
+
+def run_recipe(cfg: RecipeConfig, task, plan: ParamsPlan, mesh, **extra_metadata: Any):
     """Runs the shared loop with the recipe's `optimizer` section over `cfg.steps`, storing
-    the config and the model config (plus `extra_metadata`) with every checkpoint."""
-    return run(cfg, task, init_params=init, abstract_params=abstract, param_shardings=shardings,
+    the config, the model config and the parameter split (plus `extra_metadata`) with
+    every checkpoint."""
+    counts = plan.counts
+    return run(cfg, task, init_params=plan.init, abstract_params=plan.abstract,
+               param_shardings=plan.shardings, trainable_mask=plan.mask,
                optimizer=make_optimizer(cfg.optimizer, cfg.steps), mesh=mesh,
                schedule=make_schedule(cfg.optimizer, cfg.steps),
-               metadata={"config": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg),
+               metadata={"config": dataclasses.asdict(cfg),
+                         "model": dataclasses.asdict(plan.model_cfg),
+                         "params": {"trainable": counts.trainable, "frozen": counts.frozen},
                          **extra_metadata})

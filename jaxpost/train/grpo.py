@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -27,15 +27,15 @@ import numpy as np
 from jaxpost import data
 from jaxpost import sharding as sh
 from jaxpost.eval.generation import pad_prompts
-from jaxpost.models import ModelConfig
+from jaxpost.models import ModelConfig, param_logical_axes
 from jaxpost.optim import OptimizerConfig
 from jaxpost.rl import grpo as G
 from jaxpost.rl.rewards import RewardSet, resolve_reward, reward_metrics
 from jaxpost.rl.rollout import build_rows, completion_logprobs
 from jaxpost.sampling import Sampler, SamplingConfig
 from jaxpost.train.common import (
-    EvalSection, GenerationEval, MeshSection, ModelSection, model_init, run_recipe, setup)
-from jaxpost.train.loop import LoopConfig
+    EvalSection, GenerationEval, ModelSection, RecipeConfig, model_init, plan_params,
+    reference_params, run_recipe, setup)
 
 log = logging.getLogger(__name__)
 
@@ -83,18 +83,16 @@ class GRPOSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class GRPOConfig(LoopConfig):
+class GRPOConfig(RecipeConfig):
     """GRPO from verifiable rewards (DeepSeekMath, Dr. GRPO, DAPO variants)."""
 
     trainer: str = "grpo"  # which trainer runs this config
-    model: ModelSection = ModelSection()
     prompts: PromptSection = PromptSection()
     grpo: GRPOSection = GRPOSection()
     reward_fns: tuple[str, ...] = ("jaxpost.rl.rewards:exact_answer",)  # "pkg.module:function" or "pkg.module:factory(k=v)"
     reward_weights: tuple[float, ...] = ()  # one weight per reward function (empty: all 1.0)
     token_credit: str = ""  # per-token credit, "pkg.module:fn" or "pkg.module:factory(k=v)" ("" = uniform)
     optimizer: OptimizerConfig = OptimizerConfig(lr=1e-6, schedule="constant")
-    mesh: MeshSection = MeshSection()
     eval: EvalSection = EvalSection()
     init_sft_config: str = ""  # a recipe file: train it into WORKDIR/sft_init first when model.init_from is unset
     init_sft_steps: int = 0  # steps of that SFT warm-up (0: its own `steps`)
@@ -106,9 +104,8 @@ def make_grpo_loss(model_cfg: ModelConfig, g: GRPOSection):
     eps_high = g.epsilon_high or g.epsilon
 
     def loss_fn(params, batch, rng):
-        del rng
         logp, logits = completion_logprobs(model_cfg, params, batch, p, c, g.temperature,
-                                           return_logits=True)
+                                           return_logits=True, rng=rng)
         mask = batch["completion_mask"]
         # The first update on a rollout batch uses the current policy as the old one, so its
         # ratio is exactly 1; later iterations use the stored old-policy log-probs.
@@ -126,22 +123,30 @@ def make_grpo_loss(model_cfg: ModelConfig, g: GRPOSection):
     return loss_fn
 
 
-def make_logprob_fn(model_cfg: ModelConfig, g: GRPOSection, mesh, param_shardings, rules=sh.DEFAULT_RULES):
+def make_logprob_fn(model_cfg: ModelConfig, g: GRPOSection, mesh, param_shardings=None,
+                    rules=sh.DEFAULT_RULES):
     """Jitted `(params, rows) -> logp [N, C]` of the completion tokens (old / reference);
-    `rows` holds `tokens`, `positions` and `segment_ids` as laid out by `build_rows`."""
+    `rows` holds `tokens`, `positions` and `segment_ids` as laid out by `build_rows`.
+
+    Without `param_shardings` the params keep the shardings they have on the mesh (the
+    policy with its adapters and the reference without them are two trees: two
+    compilations)."""
     p, c = g.max_prompt_length, g.max_completion_length
 
     def fn(params, rows):
         with sh.logical_rules(mesh, rules):
             return completion_logprobs(model_cfg, params, rows, p, c, g.temperature)
 
+    if param_shardings is None:
+        return jax.jit(fn)
     return jax.jit(fn, in_shardings=(param_shardings, None))
 
 
 class GRPOTask:
     """Rollouts with the current policy feed `num_iterations` steps each."""
 
-    def __init__(self, cfg: GRPOConfig, model_cfg: ModelConfig, tokenizer, mesh, param_shardings):
+    def __init__(self, cfg: GRPOConfig, model_cfg: ModelConfig, tokenizer, mesh,
+                 reference: Callable[[Any], Any] | None = None):
         g, pr = cfg.grpo, cfg.prompts
         procs = jax.process_count()
         if g.prompts_per_step % procs:
@@ -163,8 +168,11 @@ class GRPOTask:
             max_new_tokens=g.max_completion_length, temperature=g.temperature, top_p=g.top_p,
             top_k=g.top_k, pad_id=tokenizer.pad_id,
             eos_ids=model_cfg.eos_token_ids or (tokenizer.eos_id,))
-        self.logprob_fn = make_logprob_fn(model_cfg, g, mesh, param_shardings)
-        self.ref_params = None  # set on the first rollout when beta > 0
+        self.logprob_fn = make_logprob_fn(model_cfg, g, mesh)
+        # state -> the starting policy's params (the KL anchor; also after a resume).
+        self.reference = reference
+        if g.beta > 0 and reference is None:
+            raise ValueError("grpo.beta > 0 needs a reference policy (train() builds it)")
         self.evaluator = GenerationEval(cfg.eval, model_cfg, tokenizer, mesh, cfg.seed)
         self._batch = None
         self._uses = 0
@@ -232,9 +240,7 @@ class GRPOTask:
         metrics["time_old_logprobs_s"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         if g.beta > 0:
-            if self.ref_params is None:  # the policy before any GRPO update is the reference
-                self.ref_params = jax.tree.map(jnp.copy, state.params)
-            ref = self.logprob_fn(self.ref_params, placed)
+            ref = self.logprob_fn(self.reference(state), placed)
             batch["ref_logp"] = np.asarray(jax.device_get(ref))
         metrics["time_reference_s"] = time.perf_counter() - t2
         return batch, metrics
@@ -296,6 +302,7 @@ def train(cfg: GRPOConfig):
     """Runs (or resumes) a GRPO recipe; returns the loop's result."""
     model_section = _init_sft(cfg)
     tokenizer, mesh, model_cfg = setup(model_section, cfg.mesh, cfg.prompts.tokenizer)
-    init, abstract, shardings = model_init(model_section, model_cfg, mesh, cfg.seed)
-    task = GRPOTask(cfg, model_cfg, tokenizer, mesh, shardings)
-    return run_recipe(cfg, task, model_cfg, mesh, init, abstract, shardings)
+    plan = plan_params(cfg, model_cfg, *model_init(model_section, model_cfg, mesh, cfg.seed),
+                       param_logical_axes(model_cfg), mesh)
+    task = GRPOTask(cfg, plan.model_cfg, tokenizer, mesh, reference_params(plan))
+    return run_recipe(cfg, task, plan, mesh)

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from jaxpost import sharding as sh
-from jaxpost.checkpoint import latest_run_step, restore_params, run_metadata
+from jaxpost.checkpoint import latest_run_step, run_metadata
 from jaxpost.data.preference import (
     PreferenceBatches, check_preference_source, encode_pair, open_preference_source, pair_batch,
     preference_problem)
@@ -27,8 +27,9 @@ from jaxpost.models import ModelConfig
 from jaxpost.optim import OptimizerConfig
 from jaxpost.rl import reward_model as rm
 from jaxpost.tokenizer import Tokenizer
-from jaxpost.train.common import MeshSection, ModelSection, model_init, run_recipe, setup
-from jaxpost.train.loop import LoopConfig
+from jaxpost.peft.freeze import Rules
+from jaxpost.train.common import (
+    ModelSection, RecipeConfig, model_init, params_of_run, plan_params, run_recipe, setup)
 
 log = logging.getLogger(__name__)
 
@@ -85,15 +86,18 @@ class RewardHeadSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class RewardModelConfig(LoopConfig):
-    """Bradley–Terry reward model on preference pairs (InstructGPT's RM stage)."""
+class RewardModelConfig(RecipeConfig):
+    """Bradley–Terry reward model on preference pairs (InstructGPT's RM stage).
+
+    Freeze rules and LoRA apply to the backbone (`model.layers...` names); the score head
+    (`score.weight`, `score.bias`) always trains unless a `freeze` rule names it (PEFT's
+    `modules_to_save` for sequence classification)."""
 
     trainer: str = "reward_model"  # which trainer runs this config
     model: ModelSection = ModelSection()  # the backbone: hf_path / init_from (an SFT or reward-model workdir) / preset / shape
     data: PreferenceDataSection = PreferenceDataSection()
     head: RewardHeadSection = RewardHeadSection()
     optimizer: OptimizerConfig = OptimizerConfig(lr=1e-5)
-    mesh: MeshSection = MeshSection()
     eval: PreferenceEvalSection = PreferenceEvalSection()
 
 
@@ -230,15 +234,17 @@ def train(cfg: RewardModelConfig):
 
     def init():
         if cfg.model.init_from and _is_reward_model_workdir(cfg.model.init_from):
-            return restore_params(cfg.model.init_from, abstract, shardings)  # head included
+            return params_of_run(cfg.model.init_from, None, abstract, shardings)  # head included
         head_rng = jax.random.fold_in(jax.random.key(cfg.seed), 1)
         head = jax.jit(lambda: rm.init_head(model_cfg, head_rng, cfg.head.head_init_std),
                        out_shardings=shardings[rm.HEAD])()
         return {rm.BACKBONE: backbone_init(), rm.HEAD: head}
 
-    task = RewardModelTask(cfg, model_cfg, tokenizer, mesh, shardings)
-    return run_recipe(cfg, task, model_cfg, mesh, init, abstract, shardings,
-                      reward_model={"backbone": rm.BACKBONE, "head": rm.HEAD,
+    plan = plan_params(cfg, model_cfg, init, abstract, shardings,
+                       rm.rm_param_logical_axes(model_cfg), mesh,
+                       extra_rules=Rules(keep=((r"^score\.", "reward-model head"),)))
+    task = RewardModelTask(cfg, plan.model_cfg, tokenizer, mesh, plan.shardings)
+    return run_recipe(cfg, task, plan, mesh, reward_model={"backbone": rm.BACKBONE, "head": rm.HEAD,
                                     "pooling": "last_token"})
 
 

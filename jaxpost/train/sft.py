@@ -14,11 +14,10 @@ import jax.numpy as jnp
 
 from jaxpost import data
 from jaxpost import sharding as sh
-from jaxpost.models import ModelConfig, Transformer, token_logprobs
-from jaxpost.optim import OptimizerConfig
+from jaxpost.models import ModelConfig, Transformer, param_logical_axes, token_logprobs
+from jaxpost.models.layers import dropout_rngs
 from jaxpost.train.common import (
-    EvalSection, GenerationEval, MeshSection, ModelSection, model_init, run_recipe, setup)
-from jaxpost.train.loop import LoopConfig
+    EvalSection, GenerationEval, RecipeConfig, model_init, plan_params, run_recipe, setup)
 
 
 def make_sft_loss(cfg: ModelConfig):
@@ -26,9 +25,8 @@ def make_sft_loss(cfg: ModelConfig):
     model = Transformer(cfg)
 
     def loss_fn(params, batch, rng):
-        del rng  # no dropout in these models
         logits = model.apply({"params": params}, batch["tokens"], positions=batch.get("positions"),
-                             segment_ids=batch.get("segment_ids"))
+                             segment_ids=batch.get("segment_ids"), rngs=dropout_rngs(cfg, rng))
         logp = token_logprobs(logits[:, :-1], batch["tokens"][:, 1:])
         mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
         correct = (jnp.argmax(logits[:, :-1], axis=-1) == batch["tokens"][:, 1:]).astype(jnp.float32)
@@ -61,14 +59,11 @@ class DataSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class SFTConfig(LoopConfig):
+class SFTConfig(RecipeConfig):
     """Supervised fine-tuning: next-token loss on completion / assistant tokens."""
 
     trainer: str = "sft"  # which trainer runs this config
-    model: ModelSection = ModelSection()
     data: DataSection = DataSection()
-    optimizer: OptimizerConfig = OptimizerConfig()
-    mesh: MeshSection = MeshSection()
     eval: EvalSection = EvalSection()
 
 
@@ -139,6 +134,7 @@ class SFTTask:
 def train(cfg: SFTConfig):
     """Runs (or resumes) an SFT recipe; returns the loop's result."""
     tokenizer, mesh, model_cfg = setup(cfg.model, cfg.mesh, cfg.data.tokenizer)
-    task = SFTTask(cfg, model_cfg, tokenizer, mesh)
-    init, abstract, shardings = model_init(cfg.model, model_cfg, mesh, cfg.seed)
-    return run_recipe(cfg, task, model_cfg, mesh, init, abstract, shardings)
+    plan = plan_params(cfg, model_cfg, *model_init(cfg.model, model_cfg, mesh, cfg.seed),
+                       param_logical_axes(model_cfg), mesh)
+    task = SFTTask(cfg, plan.model_cfg, tokenizer, mesh)
+    return run_recipe(cfg, task, plan, mesh)

@@ -50,10 +50,10 @@ def cli(workdir, *extra, steps=12, **kw):
 
 
 def final_params(workdir):
-    from jaxpost.checkpoint import Checkpointer
+    from jaxpost.checkpoint import Checkpointer, params_from_state
     with Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False) as ckpt:
         state, _ = ckpt.restore(ckpt.latest_step())
-        return ckpt.latest_step(), jax.device_get(state["params"])
+        return ckpt.latest_step(), jax.device_get(params_from_state(state))
 
 
 def test_unknown_key_and_wrong_type_name_the_key(tmp_path):
