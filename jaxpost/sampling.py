@@ -24,8 +24,12 @@ Sampling draws one uniform number per row and inverts the CDF in two levels (blo
 on CPU that is ~8x cheaper per step for a 16k vocabulary. Top-p finds its probability
 threshold by bisection on the float bits rather than sorting the vocabulary (a sort of
 `[16, 16384]` costs more than a whole decode step on CPU); ties at the threshold are all
-kept. On CPU the layers run unrolled from per-layer weight copies made once per call (see
-`Sampler`'s `unstack_layers`).
+kept.
+
+Prefill and decode steps are `Transformer(cfg).apply` with the KV cache, the model's own
+forward pass and nothing else, so whatever the model applies (LoRA adapters, ...) applies
+to sampling too. On CPU the sampler runs the model in its "per_layer" layout (per-layer
+weight copies made once per call; see `Sampler`'s `unstack_layers`).
 
 Entry points: `Sampler` (compiled, sharded, cache donated: what training loops use),
 `generate` (the same as one pure function, to call inside your own `jit`), and the
@@ -45,10 +49,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxpost import sharding as shd
-from jaxpost.models.attention import KVCache, make_cache_mask, rope_tables
+from jaxpost.models.attention import KVCache
 from jaxpost.models.config import ModelConfig
-from jaxpost.models.layers import RMSNorm, constrain, dtype_of
-from jaxpost.models.transformer import DecoderLayer, Transformer
+from jaxpost.models.layers import constrain
+from jaxpost.models.transformer import Transformer, unstack_layer_params
 
 _CDF_BLOCK = 128  # vocabulary block of the two-level inverse-CDF draw
 
@@ -236,11 +240,12 @@ def left_pad(prompts: jax.Array, prompt_lengths: jax.Array) -> tuple[jax.Array, 
     return jnp.where(valid, tokens, 0), valid.astype(jnp.int32)
 
 
+def _layout(unstack: bool) -> str:
+    return "per_layer" if unstack else "stacked"
+
+
 def _cache_axes(cfg: ModelConfig, unstack: bool) -> KVCache:
-    axes = KVCache.logical_axes()
-    if unstack:
-        axes = axes.replace(k=(axes.k,) * cfg.num_layers, v=(axes.v,) * cfg.num_layers)
-    return axes
+    return KVCache.logical_axes(_layout(unstack), cfg.num_layers)
 
 
 def _is_names(x) -> bool:
@@ -253,32 +258,25 @@ def _constrain_cache(cache: KVCache, axes: KVCache) -> KVCache:
 
 
 def _init_cache(cfg: ModelConfig, batch: int, max_len: int, unstack: bool) -> KVCache:
-    cache = KVCache.init(cfg, batch, max_len)
-    if unstack:  # one buffer per layer: k and v are tuples of [1, B, S, KV, hd]
-        shape, n = (1,) + cache.k.shape[1:], cfg.num_layers
-        cache = cache.replace(k=tuple(jnp.zeros(shape, cache.k.dtype) for _ in range(n)),
-                              v=tuple(jnp.zeros(shape, cache.v.dtype) for _ in range(n)))
-    return cache
+    return KVCache.init(cfg, batch, max_len, layer_params=_layout(unstack))
 
 
 class _Runner:
-    """`Transformer(cfg)` as the sampler runs it, inside `jit`.
+    """`Transformer(cfg)` as the sampler runs it, inside `jit`: the model's own module.
 
-    With `unstack`, the stacked layer parameters are sliced into per-layer arrays once
-    (cast to the compute dtype) and the cache keeps one buffer per layer (k and v are
-    tuples of [1, B, S, KV, hd]); the layers then run unrolled. This is for XLA:CPU, which
-    copies every layer's weights out of the stack at every decode step when the layers
-    are scanned (about 20% of a tiny-llama step); on accelerators the stacked model is
-    used as is and no parameter copy is made.
+    With `unstack`, the model runs in its "per_layer" layout: the stacked layer
+    parameters are sliced into per-layer subtrees once per call (`unstack_layer_params`,
+    cast to the compute dtype) and the cache keeps one buffer per layer. This is for
+    XLA:CPU, which copies every layer's weights out of the stack at every decode step when
+    the layers are scanned (about 20% of a tiny-llama step); on accelerators the stacked
+    model is used as is and no parameter copy is made.
     """
 
     def __init__(self, cfg: ModelConfig, params, unstack: bool):
-        self.cfg, self.params, self.unstack = cfg, params, unstack
+        self.cfg, self.unstack = cfg, unstack
+        self.model = Transformer(cfg, layer_params=_layout(unstack))
+        self.params = unstack_layer_params(params, cfg.dtype) if unstack else params
         self.axes = _cache_axes(cfg, unstack)
-        if unstack:
-            dtype = dtype_of(cfg.dtype)
-            self.layers = [jax.tree.map(lambda x: x[i].astype(dtype), params["layers"])
-                           for i in range(cfg.num_layers)]
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         return _constrain_cache(_init_cache(self.cfg, batch, max_len, self.unstack), self.axes)
@@ -286,51 +284,10 @@ class _Runner:
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array, cache: KVCache,
                  last_only: bool = False) -> tuple[jax.Array, KVCache]:
         """Writes `tokens` [B, T] to the cache; logits [B, T, V] (or [B, V] of the last)."""
-        if self.unstack:
-            hidden, cache = self._forward_unstacked(tokens, segment_ids, cache)
-        else:
-            hidden, cache = Transformer(self.cfg).apply(
-                {"params": self.params}, tokens, segment_ids=segment_ids, cache=cache,
-                return_hidden=True)
-        if last_only:
-            hidden = hidden[:, -1]
-        return self._lm_head(hidden), _constrain_cache(cache, self.axes)
-
-    def _forward_unstacked(self, tokens, segment_ids, cache):
-        # Mirrors Transformer.__call__ on its cache path, one layer after the other.
-        cfg = self.cfg
-        valid = segment_ids != 0
-        seen = jnp.sum(cache.key_mask, axis=1, dtype=jnp.int32)[:, None]
-        positions = jnp.maximum(seen + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
-        index = cache.index
-        key_mask = jax.lax.dynamic_update_slice(cache.key_mask, valid, (0, index))
-        mask = make_cache_mask(key_mask, index, tokens.shape[1])
-        cos, sin = rope_tables(cfg, positions)
-        embedding = self.params["embed_tokens"]["embedding"]
-        x = jnp.take(embedding, tokens, axis=0).astype(dtype_of(cfg.dtype))
-        x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
-        ks, vs = [], []
-        for layer, k, v in zip(self.layers, cache.k, cache.v):
-            (x, (k, v, _)), _ = DecoderLayer(cfg).apply(
-                {"params": layer}, (x, (k, v, jnp.zeros((), jnp.int32))), cos, sin, mask, index)
-            ks.append(k)
-            vs.append(v)
-        x = RMSNorm(cfg.rms_norm_eps, cfg).apply({"params": self.params["norm"]}, x)
-        new = KVCache(k=tuple(ks), v=tuple(vs), key_mask=key_mask, index=index + tokens.shape[1])
-        return x, new
-
-    def _lm_head(self, hidden: jax.Array) -> jax.Array:
-        """float32 logits of final normed hidden states (the model's output projection)."""
-        cfg, params = self.cfg, self.params
-        dtype = dtype_of(cfg.dtype)
-        if cfg.tie_embeddings:
-            w = params["embed_tokens"]["embedding"].T
-        else:
-            w = params["lm_head"]["kernel"]
-        logits = jnp.dot(hidden.astype(dtype), w.astype(dtype)).astype(jnp.float32)
-        names = (("activation_batch", "activation_vocab") if hidden.ndim == 2 else
-                 ("activation_batch", "activation_length", "activation_vocab"))
-        return constrain(logits, names)
+        logits, cache = self.model.apply({"params": self.params}, tokens,
+                                         segment_ids=segment_ids, cache=cache,
+                                         last_only=last_only)
+        return logits, _constrain_cache(cache, self.axes)
 
 
 def _prefill(runner: _Runner, prompts: jax.Array, prompt_lengths: jax.Array,
@@ -345,9 +302,8 @@ def _prefill(runner: _Runner, prompts: jax.Array, prompt_lengths: jax.Array,
 def _decode_step(runner: _Runner, tokens: jax.Array, active: jax.Array,
                  cache: KVCache) -> tuple[jax.Array, KVCache]:
     """One token per row -> next-token logits [B, V]; inactive rows are cached as padding."""
-    logits, cache = runner(jnp.where(active, tokens, 0)[:, None],
-                           active.astype(jnp.int32)[:, None], cache)
-    return logits[:, 0], cache
+    return runner(jnp.where(active, tokens, 0)[:, None], active.astype(jnp.int32)[:, None],
+                  cache, last_only=True)
 
 
 class _LoopState(NamedTuple):
@@ -495,18 +451,19 @@ class Sampler:
 
     With a mesh, both functions are jitted with explicit shardings: parameters by
     `sharding.param_shardings`, prompts and outputs by the `batch` rule, the cache by
-    `KVCache.logical_axes()`. Host (NumPy) inputs are placed accordingly; on several hosts
-    pass global arrays (e.g. from `sharding.shard_batch`).
+    `KVCache.logical_axes` (of the layout in use). Host (NumPy) inputs are placed
+    accordingly; on several hosts pass global arrays (e.g. from `sharding.shard_batch`).
 
     Args:
       model_cfg: the model's config.
       mesh: optional device mesh (see `sharding.make_mesh`).
       rules: logical-axis rules.
-      unstack_layers: inside each call, copy the stacked layer weights into per-layer
-        arrays once and keep one cache buffer per layer, so that decode steps read them
-        in place (XLA:CPU otherwise copies every layer's weights out of the stack at every
-        step). Costs one extra copy of the layer weights while sampling. Default: True on
-        CPU, False elsewhere.
+      unstack_layers: run the model in its "per_layer" layout (`Transformer(cfg,
+        layer_params="per_layer")`): inside each call, the stacked layer weights are
+        copied into per-layer arrays once (`unstack_layer_params`) and the cache keeps
+        one buffer per layer, so that decode steps read them in place (XLA:CPU otherwise
+        copies every layer's weights out of the stack at every step). Costs one extra
+        copy of the layer weights while sampling. Default: True on CPU, False elsewhere.
     """
 
     def __init__(self, model_cfg: ModelConfig, mesh: Mesh | None = None,

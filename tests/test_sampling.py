@@ -1,13 +1,17 @@
-"""Sampling: KV-cache decoding against full forward passes, HF greedy parity, stop tokens,
-per-row independence, determinism, top-k / top-p, log-probs, and the sharded sampler."""
+"""Sampling: KV-cache decoding against full forward passes (both layer layouts), HF greedy
+parity, stop tokens, per-row independence, determinism, compile-once, top-k / top-p,
+log-probs, and the sharded sampler."""
 
+import functools
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxpost import sampling
-from jaxpost.models import Transformer, param_shapes, tiny
+from jaxpost.models import ModelConfig, Transformer, param_shapes, tiny
 from jaxpost.sampling import (
     SampleOutput, Sampler, SamplingConfig, generate, sample_logits, top_p_mask)
 from jaxpost.sharding import MeshConfig, make_mesh
@@ -53,13 +57,14 @@ def greedy(params, sampler):
     return jax.device_get(sampler(params, _prompts(), LENGTHS, jax.random.key(0), GREEDY))
 
 
-@jax.jit
-def _forward(params, tokens, segment_ids):
-    return Transformer(CFG).apply({"params": params}, tokens, segment_ids=segment_ids)
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(cfg, params, tokens, segment_ids):
+    return Transformer(cfg).apply({"params": params}, tokens, segment_ids=segment_ids)
 
 
-def _reference_logits(params, prompts, lengths, generated):
-    """Logits predicting each generated token, from ONE forward pass over prompt + tokens."""
+def _reference_logits(params, prompts, lengths, generated, cfg=CFG):
+    """Logits predicting each generated token, from ONE forward pass over prompt + tokens
+    (the plain stacked model, no cache)."""
     rows = [list(prompts[b, :lengths[b]]) + list(generated[b]) for b in range(len(lengths))]
     width = max(map(len, rows))
     tokens = np.zeros((len(rows), width), np.int32)
@@ -67,7 +72,7 @@ def _reference_logits(params, prompts, lengths, generated):
     for b, row in enumerate(rows):
         tokens[b, :len(row)] = row
         segments[b, :len(row)] = 1
-    logits = np.asarray(_forward(params, tokens, segments))
+    logits = np.asarray(_forward(cfg, params, tokens, segments))
     return [logits[b, lengths[b] - 1:lengths[b] - 1 + len(generated[b])] for b in range(len(rows))]
 
 
@@ -100,6 +105,76 @@ def test_kv_cache_decoding_matches_full_forward_at_every_step(params, greedy, un
         np.testing.assert_allclose(cached[b], ref[b], atol=2e-4, rtol=1e-4)
     # The sampler's decode loop produced exactly these greedy tokens.
     np.testing.assert_array_equal(greedy.tokens, generated)
+
+
+@pytest.fixture(scope="module")
+def stacked_sampler():
+    return Sampler(CFG, unstack_layers=False)
+
+
+@pytest.mark.parametrize("unstack", [True, False], ids=["per_layer", "stacked"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_sampler_logits_equal_the_model_forward_at_every_decode_step(
+        params, sampler, stacked_sampler, unstack, temperature):
+    # Through the public API: every returned log-prob (and every greedy choice) is the one
+    # a plain stacked forward without a cache gives over prompt + sampled tokens.
+    run = sampler if unstack else stacked_sampler
+    assert run.unstack_layers == unstack
+    cfg = GREEDY.replace(temperature=temperature)
+    out = jax.device_get(run(params, _prompts(), LENGTHS, jax.random.key(7), cfg))
+    assert (out.lengths == N).all()
+    ref = _reference_logits(params, _prompts(), LENGTHS, out.tokens)
+    for b in range(B):
+        logp = _log_softmax(ref[b] / (temperature or 1.0))
+        np.testing.assert_allclose(out.logprobs[b], logp[np.arange(N), out.tokens[b]],
+                                   atol=2e-4)
+        if temperature == 0.0:
+            np.testing.assert_array_equal(out.tokens[b], ref[b].argmax(-1))
+
+
+@pytest.mark.parametrize("unstack", [True, pytest.param(False, marks=pytest.mark.slow)],
+                         ids=["per_layer", "stacked"])
+def test_sampler_applies_lora_adapters_the_model_applies(params, greedy, unstack):
+    # Adapter leaves next to a kernel (stacked under `layers` like every layer param, and
+    # on the output head) travel through the per-layer conversion, and the sampler's
+    # forward applies them exactly as the model's own forward does.
+    if "lora_scale" not in ModelConfig.__dataclass_fields__:
+        pytest.skip("models.layers.Linear applies no LoRA adapters yet")
+    cfg = CFG.replace(lora_scale=2.0)
+    rng = np.random.RandomState(3)
+    lora = jax.tree.map(lambda x: x, params)
+    targets = [lora["layers"]["self_attn"]["q_proj"], lora["layers"]["self_attn"]["v_proj"],
+               lora["lm_head"]]
+    for module in targets:
+        *lead, d_in, d_out = module["kernel"].shape
+        module["lora_a"] = (0.2 * rng.standard_normal((*lead, d_in, 2))).astype(np.float32)
+        module["lora_b"] = (0.2 * rng.standard_normal((*lead, 2, d_out))).astype(np.float32)
+    out = jax.device_get(Sampler(cfg, unstack_layers=unstack)(
+        lora, _prompts(), LENGTHS, jax.random.key(0), GREEDY))
+    assert (out.tokens != greedy.tokens).any()  # the adapters change the model
+    ref = _reference_logits(lora, _prompts(), LENGTHS, out.tokens, cfg)
+    for b in range(B):
+        np.testing.assert_array_equal(out.tokens[b], ref[b].argmax(-1))
+        np.testing.assert_allclose(
+            out.logprobs[b], _log_softmax(ref[b])[np.arange(N), out.tokens[b]], atol=2e-4)
+
+
+def test_repeated_sampler_calls_with_the_same_shapes_compile_once(params, monkeypatch):
+    # Each trace of the jitted prefill / decode runs `_prefill` / `_decode` once: a second
+    # trace of either (new params values, host or device arrays, other prompts, lengths,
+    # keys, temperature, top-p) fails the assertion.
+    chex.clear_trace_counter()
+    monkeypatch.setattr(sampling, "_prefill", chex.assert_max_traces(sampling._prefill, n=1))
+    monkeypatch.setattr(sampling, "_decode", chex.assert_max_traces(sampling._decode, n=1))
+    fresh = Sampler(CFG)
+    other = jax.device_put(jax.tree.map(lambda x: x * 0.9, params))
+    calls = ((params, LENGTHS, 0.0, 1.0), (other, np.array([2, 8, 8, 4], np.int32), 1.0, 0.9),
+             (params, LENGTHS, 0.7, 0.5))
+    for seed, (p, lengths, temperature, top_p) in enumerate(calls):
+        out = fresh(p, _prompts(seed, lengths), lengths, jax.random.key(seed),
+                    GREEDY.replace(temperature=temperature, top_p=top_p))
+        jax.block_until_ready(out)
+    assert len(fresh._compiled) == 2  # one prefill, one decode
 
 
 def test_greedy_matches_transformers_generate(params, greedy, tmp_path):

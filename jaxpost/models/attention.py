@@ -3,7 +3,8 @@
 Masks are built from `segment_ids` (0 = padding; equal non-zero ids attend to each other),
 so packed sequences never attend across examples. The KV cache is an explicit pytree that
 goes in and comes out of `Transformer.__call__`, which keeps `apply` pure and lets the
-sampler donate it.
+sampler donate it. It comes in the two layer layouts of `Transformer.layer_params`: one
+stacked buffer for all layers, or one buffer per layer.
 """
 
 from __future__ import annotations
@@ -21,36 +22,80 @@ from jaxpost.models.layers import Linear, RMSNorm, constrain, dtype_of
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
+#: The two layouts of the layer parameters and of the KV cache (`Transformer.layer_params`):
+#: "stacked": one array per parameter (and one k / v buffer) with a leading `layers` axis;
+#: "per_layer": one subtree (and one k / v buffer) per layer.
+LAYER_LAYOUTS = ("stacked", "per_layer")
+
+
+def check_layer_layout(layout: str, where: str) -> None:
+    """Raises a ValueError naming `where` unless `layout` is one of `LAYER_LAYOUTS`."""
+    if layout not in LAYER_LAYOUTS:
+        raise ValueError(f"{where}: layer_params={layout!r}; must be one of {LAYER_LAYOUTS}")
+
+
 @flax.struct.dataclass
 class KVCache:
     """Keys and values of every layer for `max_len` slots.
 
     All rows write the same slot range at each call (prompts are left-padded by the
     sampler), so the write position is one scalar and the update one dynamic slice.
+    In the "stacked" layout `k` and `v` are single arrays [layers, batch, max_len,
+    kv_heads, head_dim]; in the "per_layer" layout (`Transformer(cfg,
+    layer_params="per_layer")`) they are tuples of one [batch, max_len, kv_heads, head_dim]
+    buffer per layer, so that each layer reads and writes its own buffer in place.
     """
 
-    k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
-    v: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    # stacked: [layers, batch, max_len, kv_heads, head_dim]; per_layer: a tuple of
+    # [batch, max_len, kv_heads, head_dim], one per layer.
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]  # same layout as k
     key_mask: jax.Array  # [batch, max_len] bool: slot holds a real (non-padding) token
     index: jax.Array  # int32 scalar: the next slot to write
 
     @classmethod
-    def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> "KVCache":
-        """An empty cache; `dtype` defaults to the model's compute dtype."""
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None, *,
+             layer_params: str = "stacked") -> "KVCache":
+        """An empty cache; `dtype` defaults to the model's compute dtype.
+
+        `layer_params` must match the `Transformer`'s (see `LAYER_LAYOUTS`).
+        """
+        check_layer_layout(layer_params, "KVCache.init")
         dt = dtype_of(dtype or cfg.dtype)
-        return cls(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt),
-                   key_mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        if layer_params == "stacked":
+            k = jnp.zeros((cfg.num_layers,) + shape, dt)
+            v = jnp.zeros((cfg.num_layers,) + shape, dt)
+        else:
+            k = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
+            v = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
+        return cls(k=k, v=v, key_mask=jnp.zeros((batch, max_len), bool),
+                   index=jnp.zeros((), jnp.int32))
+
+    @property
+    def layer_params(self) -> str:
+        """The layout of `k` and `v`: "stacked" or "per_layer"."""
+        return "per_layer" if isinstance(self.k, (tuple, list)) else "stacked"
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.key_mask.shape[1]
 
     @staticmethod
-    def logical_axes() -> "KVCache":
-        """Logical axis names of each field, for `jaxpost.sharding`."""
-        kv = ("layers", "cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim")
-        return KVCache(k=kv, v=kv, key_mask=("cache_batch", "cache_length"), index=())
+    def logical_axes(layer_params: str = "stacked", num_layers: int | None = None) -> "KVCache":
+        """Logical axis names of each field, for `jaxpost.sharding`.
+
+        The "per_layer" layout needs `num_layers` (one entry per buffer).
+        """
+        check_layer_layout(layer_params, "KVCache.logical_axes")
+        kv = ("cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim")
+        if layer_params == "stacked":
+            k = v = ("layers",) + kv
+        elif num_layers is None:
+            raise ValueError("KVCache.logical_axes(layer_params='per_layer') needs num_layers")
+        else:
+            k = v = (kv,) * num_layers
+        return KVCache(k=k, v=v, key_mask=("cache_batch", "cache_length"), index=())
 
 
 def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -88,9 +133,12 @@ def make_cache_mask(key_mask: jax.Array, index: jax.Array, num_queries: int) -> 
 class Attention(nn.Module):
     """GQA self-attention; with `layer_cache`, attends over the cache after writing to it.
 
-    `layer_cache` is `(k, v, layer)`: the caches of ALL layers [L, B, S, KV, hd] and this
-    layer's index, so the layer scan carries them and every write is in place (a per-layer
-    slice as a scan input/output would copy the whole cache at every decode step).
+    `layer_cache` is `(k, v, layer)`, in one of two forms:
+      - stacked: the caches of ALL layers [L, B, S, KV, hd] and this layer's int32 index,
+        so the layer scan carries them and every write is in place (a per-layer slice as a
+        scan input/output would copy the whole cache at every decode step);
+      - per layer: this layer's own buffers [B, S, KV, hd] and `layer=None`.
+    The returned cache has the same form (the layer index advanced by one).
     """
 
     cfg: ModelConfig
@@ -116,15 +164,23 @@ class Attention(nn.Module):
 
         new_cache = None
         if layer_cache is not None:
-            # The stacked caches of all layers [L, B, S, KV, hd] and this layer's index:
-            # write the new keys/values in place, then read this layer's slots.
             ck, cv, layer = layer_cache
-            start = (layer, 0, index, 0, 0)
-            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), start)
-            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), start)
-            new_cache = (ck, cv, layer + 1)
-            k = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
-            v = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
+            if layer is None:
+                # This layer's own buffers [B, S, KV, hd]: write in place, read them whole.
+                start = (0, index, 0, 0)
+                ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
+                cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+                new_cache = (ck, cv, None)
+                k, v = ck, cv
+            else:
+                # The stacked caches of all layers [L, B, S, KV, hd] and this layer's index:
+                # write the new keys/values in place, then read this layer's slots.
+                start = (layer, 0, index, 0, 0)
+                ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), start)
+                cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), start)
+                new_cache = (ck, cv, layer + 1)
+                k = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
+                v = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
 
         dtype = dtype_of(cfg.dtype)
         groups = h // kv

@@ -1,9 +1,17 @@
 """The decoder-only transformer (Llama / Qwen2 / Qwen3) as a pure Flax Linen module.
 
-Layer parameters are always stacked along a leading `layers` axis (one pytree layout
-whatever `scan_layers` says): `scan_layers=True` runs them with `lax.scan`, False unrolls
-the same scan. Checkpoints, freeze rules and LoRA therefore see one layout, and a layer is
-picked by index on that axis.
+Layer parameters are stacked along a leading `layers` axis (one pytree layout whatever
+`scan_layers` says): `scan_layers=True` runs them with `lax.scan`, False unrolls the same
+scan. Checkpoints, freeze rules and LoRA therefore see one layout, and a layer is picked
+by index on that axis.
+
+`Transformer(cfg, layer_params="per_layer")` is the same model over a second layout, for
+inference: each layer's parameters are their own subtree `layers_0 .. layers_{L-1}` (made
+from the stacked tree by `unstack_layer_params`) and the KV cache holds one buffer per
+layer; the same `DecoderLayer` runs in a Python loop. XLA:CPU copies every layer's weights
+out of the stack at every step of a decode loop when the layers are scanned (about 20% of
+a tiny-llama decode step); per-layer arrays are read in place. The sampler uses this
+layout on CPU.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpost.models.attention import (
-    Attention, KVCache, make_attention_mask, make_cache_mask, rope_tables)
+    Attention, KVCache, check_layer_layout, make_attention_mask, make_cache_mask, rope_tables)
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.layers import MLP, Linear, RMSNorm, constrain, dtype_of
 
@@ -35,7 +43,7 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, carry, cos, sin, mask, index):
-        # carry: (x, cache) with cache None or (k, v, layer) of all layers (see Attention).
+        # carry: (x, cache) with cache None or (k, v, layer) (see Attention).
         x, cache = carry
         cfg = self.cfg
         h = RMSNorm(cfg.rms_norm_eps, cfg, name="input_layernorm")(x)
@@ -46,8 +54,23 @@ class DecoderLayer(nn.Module):
         return (x, cache), None
 
 
+def layer_name(i: int) -> str:
+    """The params key of layer `i` in the "per_layer" layout."""
+    return f"layers_{i}"
+
+
 class Transformer(nn.Module):
     """Token ids [B, T] -> logits [B, T, vocab] (float32).
+
+    Attributes:
+      cfg: the model's config.
+      layer_params: the parameter (and KV cache) layout, one of `attention.LAYER_LAYOUTS`.
+        "stacked" (the default, what checkpoints and training use): `params["layers"]`
+        holds every layer parameter with a leading layers axis, run by `nn.scan`.
+        "per_layer" (inference on CPU): `params["layers_0"] .. params["layers_{L-1}"]`,
+        one subtree per layer as `unstack_layer_params` makes them, run by a Python loop
+        over the same `DecoderLayer`; a cache must then come from
+        `KVCache.init(..., layer_params="per_layer")`. Both give the same logits.
 
     Args of `__call__`:
       tokens: int32 [B, T].
@@ -55,18 +78,30 @@ class Transformer(nn.Module):
         cache, each row continues from the number of real tokens it already holds.
       segment_ids: int32 [B, T]; 0 marks padding, equal non-zero ids form one sequence
         (packing). Default: all ones.
-      cache: a `KVCache`; the call writes the new keys/values at `cache.index` and
-        returns `(logits, new_cache)`.
+      cache: a `KVCache` in this module's layout; the call writes the new keys/values at
+        `cache.index` and returns `(logits, new_cache)`.
       return_hidden: return the final normed hidden states [B, T, hidden] instead of
         logits (reward and value heads).
+      last_only: compute the output at the last position only: logits [B, vocab] (or
+        hidden [B, hidden]). A prefill needs just the next-token logits, and the
+        full-vocabulary head over every prompt position is the most expensive matmul of
+        the call. With left-padded rows (as the sampler writes them) the last position is
+        every row's last real token.
     """
 
     cfg: ModelConfig
+    layer_params: str = "stacked"  # "stacked" | "per_layer"; see the class docstring
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
-                 *, return_hidden: bool = False):
+                 *, return_hidden: bool = False, last_only: bool = False):
         cfg = self.cfg
+        check_layer_layout(self.layer_params, "Transformer")
+        if cache is not None and cache.layer_params != self.layer_params:
+            raise ValueError(
+                f"Transformer(layer_params={self.layer_params!r}) got a KVCache in the "
+                f"{cache.layer_params!r} layout; make it with KVCache.init(..., "
+                f"layer_params={self.layer_params!r})")
         b, t = tokens.shape
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
@@ -94,36 +129,98 @@ class Transformer(nn.Module):
             name="embed_tokens")
         x = constrain(embed(tokens), _ACT)
 
+        per_layer = self.layer_params == "per_layer"
         layer_cls = DecoderLayer
         if cfg.remat_policy != "none":
             layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[cfg.remat_policy],
-                                 prevent_cse=not cfg.scan_layers)
-        layers = nn.scan(
-            layer_cls,
-            variable_axes={"params": 0},
-            split_rngs={"params": True, "dropout": True},  # dropout: LoRA adapters
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=cfg.num_layers,
-            unroll=1 if cfg.scan_layers else cfg.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, name="layers")
-        # The KV cache rides in the scan carry, so decode steps update it in place.
-        layer_caches = None if cache is None else (cache.k, cache.v, jnp.zeros((), jnp.int32))
-        (x, new_caches), _ = layers((x, layer_caches), cos, sin, mask, index)
+                                 prevent_cse=per_layer or not cfg.scan_layers)
+        if per_layer:
+            new_k, new_v = [], []
+            for i in range(cfg.num_layers):
+                layer_cache = None if cache is None else (cache.k[i], cache.v[i], None)
+                (x, layer_cache), _ = layer_cls(cfg, name=layer_name(i))(
+                    (x, layer_cache), cos, sin, mask, index)
+                if cache is not None:
+                    new_k.append(layer_cache[0])
+                    new_v.append(layer_cache[1])
+            new_k, new_v = tuple(new_k), tuple(new_v)
+        else:
+            layers = nn.scan(
+                layer_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},  # dropout: LoRA adapters
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                unroll=1 if cfg.scan_layers else cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, name="layers")
+            # The KV cache rides in the scan carry, so decode steps update it in place.
+            layer_caches = None if cache is None else (cache.k, cache.v, jnp.zeros((), jnp.int32))
+            (x, layer_caches), _ = layers((x, layer_caches), cos, sin, mask, index)
+            if cache is not None:
+                new_k, new_v, _ = layer_caches
 
+        if last_only:
+            x = x[:, -1]
         x = RMSNorm(cfg.rms_norm_eps, cfg, name="norm")(x)
         if return_hidden:
             out = x
-        elif cfg.tie_embeddings:
-            out = embed.attend(x).astype(jnp.float32)
         else:
-            out = Linear(cfg.vocab_size, ("embed", "vocab"), cfg, name="lm_head")(x).astype(jnp.float32)
-        if not return_hidden:
-            out = constrain(out, ("activation_batch", "activation_length", "activation_vocab"))
+            if cfg.tie_embeddings:
+                out = embed.attend(x).astype(jnp.float32)
+            else:
+                out = Linear(cfg.vocab_size, ("embed", "vocab"), cfg, name="lm_head")(x)
+                out = out.astype(jnp.float32)
+            out = constrain(out, ("activation_batch",) + (() if last_only else (
+                "activation_length",)) + ("activation_vocab",))
         if cache is None:
             return out
-        new_cache = KVCache(k=new_caches[0], v=new_caches[1], key_mask=key_mask, index=index + t)
+        new_cache = KVCache(k=new_k, v=new_v, key_mask=key_mask, index=index + t)
         return out, new_cache
+
+
+def unstack_layer_params(params, dtype: str | jnp.dtype | None = None):
+    """Stacked params -> the "per_layer" layout of `Transformer(cfg, layer_params="per_layer")`.
+
+    Every leaf under `params["layers"]` is sliced along its leading layers axis, whatever
+    its name (LoRA adapters, or any other leaf a module adds, travel along), into
+    `params["layers_0"] .. params["layers_{L-1}"]`, each with the structure of
+    `params["layers"]`; every other entry is passed through untouched. Inside `jit` this
+    is one copy of the layer weights; make it once per call, outside any decode loop.
+
+    Args:
+      params: a params tree with a stacked `layers` entry (`init_params`, `from_hf`).
+      dtype: if set, floating-point layer leaves are also cast to it (pass the model's
+        compute dtype `cfg.dtype`: the copy is made anyway, and the result is exact since
+        every module casts its params to `cfg.dtype` before use). Integer leaves and the
+        entries outside `layers` keep their dtype.
+
+    Returns:
+      A new dict (the input is not modified).
+    """
+    if "layers" not in params:
+        raise ValueError(
+            "unstack_layer_params: params has no stacked 'layers' entry (top-level keys: "
+            f"{sorted(params)}); it expects the stacked layout of init_params / from_hf")
+    stacked = params["layers"]
+    sizes = {x.shape[0] if x.ndim else None for x in jax.tree.leaves(stacked)}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(
+            "unstack_layer_params: the leaves under params['layers'] must share one leading "
+            f"layers axis, got leading sizes {sorted(sizes, key=str)}")
+    (num_layers,) = sizes
+
+    def layer(i):
+        def take(x):
+            x = x[i]
+            if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
+                x = x.astype(dtype)
+            return x
+        return jax.tree.map(take, stacked)
+
+    out = {k: v for k, v in params.items() if k != "layers"}
+    out.update({layer_name(i): layer(i) for i in range(num_layers)})
+    return out
 
 
 @functools.lru_cache(maxsize=32)

@@ -3,24 +3,27 @@
 import functools
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxpost.models import KVCache, ModelConfig, Transformer, init_params, tiny
+from jaxpost.models.transformer import layer_name, unstack_layer_params
 
 FAMILIES = ("llama", "qwen2", "qwen3")
 
 
 @functools.lru_cache(maxsize=None)
-def _apply(cfg):
-    """Jitted `Transformer(cfg).apply` (eager Flax runs op by op: slow on CPU)."""
-    def forward(params, tokens, positions=None, segment_ids=None, cache=None, return_hidden=False):
-        return Transformer(cfg).apply({"params": params}, tokens, positions=positions,
-                                      segment_ids=segment_ids, cache=cache,
-                                      return_hidden=return_hidden)
-    return jax.jit(forward, static_argnames=("return_hidden",))
+def _apply(cfg, layer_params="stacked"):
+    """Jitted `Transformer(cfg, layer_params).apply` (eager Flax runs op by op: slow on CPU)."""
+    def forward(params, tokens, positions=None, segment_ids=None, cache=None, return_hidden=False,
+                last_only=False):
+        return Transformer(cfg, layer_params=layer_params).apply(
+            {"params": params}, tokens, positions=positions, segment_ids=segment_ids,
+            cache=cache, return_hidden=return_hidden, last_only=last_only)
+    return jax.jit(forward, static_argnames=("return_hidden", "last_only"))
 
 
 def _tokens(b, t, seed=1, vocab=256):
@@ -129,12 +132,127 @@ def test_return_hidden_gives_final_normed_states():
                                atol=1e-5, rtol=1e-5)
 
 
-def test_apply_is_jittable_and_pure():
-    cfg = tiny("qwen2")
+@pytest.mark.parametrize("tied", [False, True], ids=["lm_head", "tied"])
+def test_last_only_gives_the_last_position_of_the_full_output(tied):
+    cfg = tiny("qwen2", tie_embeddings=tied)
     params = init_params(cfg, jax.random.key(0))
-    tokens = _tokens(2, 6)
-    f = jax.jit(lambda p, t: Transformer(cfg).apply({"params": p}, t))
-    np.testing.assert_array_equal(f(params, tokens), f(params, tokens))
+    tokens = _tokens(2, 7)
+    seg = jnp.array([[0, 0, 1, 1, 1, 1, 1], [1] * 7])  # left padding, as the sampler writes
+    full = _apply(cfg)(params, tokens, segment_ids=seg)
+    last = _apply(cfg)(params, tokens, segment_ids=seg, last_only=True)
+    chex.assert_shape(last, (2, cfg.vocab_size))
+    np.testing.assert_allclose(last, full[:, -1], atol=1e-5, rtol=1e-5)
+    hidden = _apply(cfg)(params, tokens, segment_ids=seg, return_hidden=True)
+    last_hidden = _apply(cfg)(params, tokens, segment_ids=seg, return_hidden=True, last_only=True)
+    chex.assert_shape(last_hidden, (2, cfg.hidden_size))
+    np.testing.assert_allclose(last_hidden, hidden[:, -1], atol=1e-5, rtol=1e-5)
+
+
+class ApplyTest(chex.TestCase):
+    """Jitted and eager `apply` agree, and `apply` is a pure function of its inputs."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_apply_is_jittable_and_pure(self):
+        cfg = tiny("qwen2")
+        params = init_params(cfg, jax.random.key(0))
+        before = jax.tree.map(np.array, params)
+        tokens = _tokens(2, 6)
+        apply = self.variant(lambda p, t: Transformer(cfg).apply({"params": p}, t))
+        out = apply(params, tokens)
+        chex.assert_shape(out, (2, 6, cfg.vocab_size))
+        chex.assert_trees_all_equal(apply(params, tokens), out)  # same inputs, same bits
+        chex.assert_trees_all_equal(params, before)  # inputs untouched
+        # The eager variant runs Flax op by op: it matches the compiled program.
+        chex.assert_trees_all_close(out, _apply(cfg)(params, tokens), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------- per-layer layout
+def test_unstack_layer_params_slices_every_layer_leaf_whatever_its_name():
+    cfg = tiny("llama")
+    params = init_params(cfg, jax.random.key(0))
+    q = params["layers"]["self_attn"]["q_proj"]
+    num_layers, d_in, d_out = q["kernel"].shape
+    # Leaves a module might add next to a kernel (LoRA adapters), plus a non-float one.
+    q["lora_a"] = jnp.zeros((num_layers, d_in, 4))
+    q["lora_b"] = jnp.zeros((num_layers, 4, d_out))
+    q["step"] = jnp.arange(num_layers, dtype=jnp.int32)
+    out = unstack_layer_params(params, dtype="bfloat16")
+    assert set(out) == (set(params) - {"layers"}) | {layer_name(i) for i in range(num_layers)}
+    for name in set(params) - {"layers"}:  # untouched, not cast
+        assert out[name] is params[name]
+
+    def expected(x, i):  # layer i's slice; floating leaves cast to bfloat16
+        x = x[i]
+        return x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    for i in range(num_layers):
+        layer = out[layer_name(i)]
+        chex.assert_trees_all_equal_structs(layer, params["layers"])
+        chex.assert_trees_all_equal(
+            layer, jax.tree.map(functools.partial(expected, i=i), params["layers"]))
+    assert out[layer_name(1)]["self_attn"]["q_proj"]["step"].dtype == jnp.int32
+    assert "lora_a" not in params["layers"]["self_attn"]["k_proj"]  # input not modified
+    assert unstack_layer_params(params)[layer_name(0)]["mlp"]["up_proj"]["kernel"].dtype == (
+        jnp.float32)
+
+
+def test_per_layer_init_has_the_tree_unstack_layer_params_makes():
+    cfg = tiny("qwen3")
+    per_layer = nn.unbox(jax.eval_shape(lambda: Transformer(cfg, layer_params="per_layer").init(
+        jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]))
+    params = init_params(cfg, jax.random.key(0))
+    chex.assert_trees_all_equal_shapes_and_dtypes(unstack_layer_params(params), per_layer)
+
+
+@pytest.mark.parametrize("family,tied", [("llama", False), ("qwen2", True), ("qwen3", False)])
+def test_per_layer_layout_gives_the_same_logits_as_stacked(family, tied):
+    cfg = tiny(family, tie_embeddings=tied)
+    params = init_params(cfg, jax.random.key(0))
+    per_layer = unstack_layer_params(params)
+    stacked, unstacked = _apply(cfg), _apply(cfg, "per_layer")
+    tokens = _tokens(2, 11)
+    full = stacked(params, tokens)
+    np.testing.assert_allclose(unstacked(per_layer, tokens), full, atol=1e-5, rtol=1e-5)
+    # With a cache, in chunks: the same logits, and the same keys/values per layer.
+    caches = {"stacked": KVCache.init(cfg, 2, 16),
+              "per_layer": KVCache.init(cfg, 2, 16, layer_params="per_layer")}
+    assert len(caches["per_layer"].k) == cfg.num_layers and caches["per_layer"].max_len == 16
+    for lo, hi in ((0, 5), (5, 6), (6, 11)):
+        ref, caches["stacked"] = stacked(params, tokens[:, lo:hi], cache=caches["stacked"])
+        out, caches["per_layer"] = unstacked(per_layer, tokens[:, lo:hi],
+                                             cache=caches["per_layer"])
+        np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(out, full[:, lo:hi], atol=1e-5, rtol=1e-5)
+    for i in range(cfg.num_layers):
+        np.testing.assert_allclose(caches["per_layer"].k[i], caches["stacked"].k[i], atol=1e-5)
+        np.testing.assert_allclose(caches["per_layer"].v[i], caches["stacked"].v[i], atol=1e-5)
+    assert int(caches["per_layer"].index) == 11
+
+
+def test_per_layer_params_cast_to_the_compute_dtype_give_the_same_logits():
+    cfg = tiny("llama", dtype="bfloat16")  # float32 master weights, bfloat16 compute
+    params = init_params(cfg, jax.random.key(0))
+    tokens = _tokens(2, 8)
+    model = _apply(cfg, "per_layer")
+    out = model(unstack_layer_params(params, cfg.dtype), tokens)
+    # Exact: every module casts its params to cfg.dtype before use anyway.
+    chex.assert_trees_all_equal(out, model(unstack_layer_params(params), tokens))
+    # The stacked model fuses differently: equal up to bfloat16 rounding.
+    np.testing.assert_allclose(out, _apply(cfg)(params, tokens), atol=1e-2, rtol=1e-2)
+
+
+def test_cache_in_the_wrong_layout_or_a_bad_layout_name_is_an_error():
+    cfg = tiny("llama")
+    params = init_params(cfg, jax.random.key(0))
+    with pytest.raises(ValueError, match=r"\(layer_params='stacked'\) got a KVCache in the "
+                                         r"'per_layer' layout"):
+        _apply(cfg)(params, _tokens(1, 2), cache=KVCache.init(cfg, 1, 4, layer_params="per_layer"))
+    with pytest.raises(ValueError, match=r"\(layer_params='per_layer'\) got a KVCache in the "
+                                         r"'stacked' layout"):
+        _apply(cfg, "per_layer")(unstack_layer_params(params), _tokens(1, 2),
+                                 cache=KVCache.init(cfg, 1, 4))
+    with pytest.raises(ValueError, match="layer_params='scanned'; must be one of"):
+        Transformer(cfg, layer_params="scanned").apply({"params": params}, _tokens(1, 2))
 
 
 @pytest.mark.parametrize("field,value,match", [
