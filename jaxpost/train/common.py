@@ -139,9 +139,9 @@ def model_init(section: ModelSection, cfg: ModelConfig, mesh, seed: int,
 
     def init():
         if section.hf_path:
-            _, params = from_hf(section.hf_path, cfg.param_dtype, mesh=mesh, rules=rules,
-                                **{k: getattr(cfg, k) for k in ("dtype", "scan_layers",
-                                                                 "remat_policy")})
+            # The params' layout does not depend on the compute numerics (dtype, scan,
+            # remat): `cfg` already carries them.
+            _, params = from_hf(section.hf_path, cfg.param_dtype, mesh=mesh, rules=rules)
             return params
         if section.init_from:
             return params_of_run(section.init_from, section.init_step or None, abstract,

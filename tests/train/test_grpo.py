@@ -1,7 +1,10 @@
 """The GRPO trainer: first-iteration ratio, sharding equality, end to end (row layout:
 tests/rl/test_rollout.py)."""
 
+import dataclasses
 import json
+import os
+import signal
 
 import jax
 import numpy as np
@@ -89,8 +92,11 @@ def _small_grpo(workdir, **over):
     cfg.grpo.max_completion_length = 4
     cfg.grpo.beta = 0.04
     cfg.grpo.num_iterations = 2
-    cfg.reward_fns = ("jaxpost.rl.rewards:exact_answer", "jaxpost.rl.rewards:format_reward")
-    cfg.reward_weights = (1.0, 0.5)
+    cfg.optimizer.lr = 3e-3  # large enough that the policy measurably leaves the reference
+    # A random model never answers right: the digit fraction gives the groups a spread.
+    cfg.reward_fns = ("jaxpost.rl.rewards:exact_answer", "jaxpost.rl.rewards:format_reward",
+                      "tests.train.test_grpo:digit_fraction")
+    cfg.reward_weights = (1.0, 0.5, 1.0)
     for k, v in over.items():
         cfg[k] = v
     from jaxpost.train.__main__ import load_config
@@ -108,9 +114,61 @@ def test_grpo_trains_logs_reward_metrics_and_resumes(tmp_path):
                 "entropy", "completion_length_mean", "completion_length_max", "truncation_rate",
                 "rollout_tokens_per_s", "time_rollout_s", "time_reference_s"):
         assert key in lines[0], key
-    assert lines[0]["ratio_mean"] == 1.0  # first update on each rollout batch
+    for line in lines:  # num_iterations=2: a fresh rollout batch at every odd step
+        assert (line["ratio_mean"] == 1.0) == (line["step"] % 2 == 1), line
+        assert np.isfinite(line["loss"]) and line["kl"] >= 0
+    assert lines[0]["kl"] == 0.0  # the first update: the policy is still the reference
+    assert lines[-1]["kl"] > 0.0  # ... it has moved away from it since
     resumed = train(_small_grpo(tmp_path, steps=6))
     assert int(resumed.state.step) == 6
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert [x["step"] for x in lines][-2:] == [5, 6]
+    assert lines[-1]["kl"] > 0.0  # the anchor is the run's start, not the resumed policy
+
+
+def digit_fraction(prompts, completions, **columns):
+    """Fraction of digits in each completion: a reward with a spread on random models."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def preempt_on_call(call: int = 2):
+    """Reward factory for the resume test: sends this process SIGTERM (a preemptible TPU
+    VM's notice) during its `call`-th call; scores like `digit_fraction`."""
+    calls = [0]
+
+    def reward(prompts, completions, **columns):
+        calls[0] += 1
+        if calls[0] == call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return digit_fraction(prompts, completions)
+    return reward
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_grpo_with_kl_preempted_and_resumed_logs_the_same_loss_and_kl_as_a_straight_run(
+        tmp_path, lora_rank):
+    keys = ("loss", "kl", "reward_mean", "entropy", "grad_norm")
+
+    def run(workdir, reward):
+        cfg = _small_grpo(workdir, steps=5, reward_fns=(reward,), reward_weights=(1.0,))
+        cfg = dataclasses.replace(
+            cfg, grpo=dataclasses.replace(cfg.grpo, num_iterations=1),
+            lora=dataclasses.replace(cfg.lora, rank=lora_rank, targets=("q_proj", "v_proj")))
+        return train(cfg)
+
+    run(tmp_path / "straight", "tests.train.test_grpo:digit_fraction")
+    first = run(tmp_path / "killed", "tests.train.test_grpo:preempt_on_call(call=3)")
+    assert first.preempted and int(first.state.step) == 3
+    run(tmp_path / "killed", "tests.train.test_grpo:digit_fraction")  # resumes at step 4
+    straight, resumed = ([json.loads(x) for x in open(tmp_path / d / "metrics.jsonl")]
+                         for d in ("straight", "killed"))
+    assert [x["step"] for x in resumed] == [1, 2, 3, 4, 5]
+    assert straight[-1]["kl"] > 0
+    for a, b in zip(straight, resumed):
+        for k in keys:
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-7,
+                                       err_msg=f"step {a['step']} {k}")
 
 
 @pytest.mark.slow
