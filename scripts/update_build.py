@@ -22,7 +22,7 @@ THIRD_PARTY = [{deps}]
 
 TEST_DEPS = THIRD_PARTY + [requirement("pytest")]
 
-PARITY_DEPS = [requirement("torch"), requirement("transformers")]
+PARITY_DEPS = [requirement("torch"), requirement("transformers"), requirement("peft")]
 '''
 
 
@@ -78,7 +78,8 @@ def main() -> None:
     for path in sorted((ROOT / "tests").rglob("test_*.py")):
         deps = sorted(local_imports(path, modules)) + ["tests_support"]
         text = path.read_text()
-        extra = " + PARITY_DEPS" if ("torch" in text or "transformers" in text) else ""
+        extra = (" + PARITY_DEPS" if any(m in text for m in ("torch", "transformers", "peft"))
+                 else "")
         out.append(
             f'py_test(\n    name = "{target(path)}",\n    srcs = ["{path.relative_to(ROOT)}"],\n'
             f'    main = "{path.relative_to(ROOT)}",\n    size = "large",\n'
