@@ -475,7 +475,29 @@ class Sampler:
                                else unstack_layers)
         self._param_shardings = (None if mesh is None
                                  else shd.param_shardings(model_cfg, mesh, rules))
+        self._tree_shardings: dict[Any, Any] = {}  # params treedef -> its shardings
         self._compiled: dict[tuple, Callable] = {}  # jitted prefill / decode functions
+
+    def _shardings_of(self, params):
+        """Shardings for a params tree: the model's own for its parameters; leaves the
+        model does not declare (LoRA adapters) keep the mesh sharding they already have
+        (they are sharded like their base by whoever made them), else replicate."""
+        treedef = jax.tree.structure(params)
+        if treedef not in self._tree_shardings:
+            base = {jax.tree_util.keystr(p): s for p, s in
+                    jax.tree_util.tree_leaves_with_path(self._param_shardings)}
+            replicated = NamedSharding(self.mesh, P())
+
+            def pick(path, x):
+                key = jax.tree_util.keystr(path)
+                if key in base:
+                    return base[key]
+                s = getattr(x, "sharding", None)
+                if isinstance(s, NamedSharding) and s.mesh == self.mesh:
+                    return s
+                return replicated
+            self._tree_shardings[treedef] = jax.tree_util.tree_map_with_path(pick, params)
+        return self._tree_shardings[treedef]
 
     def _named(self, names, shape) -> NamedSharding:
         return NamedSharding(self.mesh, shd.logical_to_spec(names, shape, self.mesh, self.rules))
@@ -486,8 +508,9 @@ class Sampler:
         return shd.logical_to_shardings(_cache_axes(self.model_cfg, self.unstack_layers),
                                         shapes, self.mesh, self.rules)
 
-    def _prefill_fn(self, batch: int, prompt_len: int, max_len: int) -> Callable:
-        key = ("prefill", batch, prompt_len, max_len)
+    def _prefill_fn(self, batch: int, prompt_len: int, max_len: int,
+                    param_shardings=None) -> Callable:
+        key = ("prefill", batch, prompt_len, max_len, jax.tree.structure(param_shardings))
         if key not in self._compiled:
             cfg, mesh, rules, unstack = self.model_cfg, self.mesh, self.rules, self.unstack_layers
 
@@ -502,7 +525,7 @@ class Sampler:
                 rows = self._named(("batch",), (batch,))
                 self._compiled[key] = jax.jit(
                     prefill_fn,
-                    in_shardings=(self._param_shardings,
+                    in_shardings=(param_shardings,
                                   self._named(("batch", None), (batch, prompt_len)), rows),
                     out_shardings=(self._logits_sharding(batch),
                                    self._cache_shardings(batch, max_len)))
@@ -511,8 +534,10 @@ class Sampler:
     def _logits_sharding(self, batch: int) -> NamedSharding:
         return self._named(("batch", "activation_vocab"), (batch, self.model_cfg.vocab_size))
 
-    def _decode_fn(self, batch: int, max_len: int, static: dict[str, Any]) -> Callable:
-        key = ("decode", batch, max_len, tuple(sorted(static.items())))
+    def _decode_fn(self, batch: int, max_len: int, static: dict[str, Any],
+                   param_shardings=None) -> Callable:
+        key = ("decode", batch, max_len, tuple(sorted(static.items())),
+               jax.tree.structure(param_shardings))
         if key not in self._compiled:
             cfg, mesh, rules, unstack = self.model_cfg, self.mesh, self.rules, self.unstack_layers
 
@@ -532,7 +557,7 @@ class Sampler:
                                       truncated=rows)
                 self._compiled[key] = jax.jit(
                     decode_fn,
-                    in_shardings=(self._param_shardings, self._logits_sharding(batch), cache_sh,
+                    in_shardings=(param_shardings, self._logits_sharding(batch), cache_sh,
                                   rep, rep, rep),
                     out_shardings=(out_sh, cache_sh), donate_argnums=2)
         return self._compiled[key]
@@ -562,10 +587,11 @@ class Sampler:
         static = _static_args(self.model_cfg, cfg)
         batch, prompt_len = prompts.shape
         max_len = prompt_len + static["max_new_tokens"]
-        prefill_fn = self._prefill_fn(batch, prompt_len, max_len)
-        decode_fn = self._decode_fn(batch, max_len, static)
+        param_shardings = None if self.mesh is None else self._shardings_of(params)
+        prefill_fn = self._prefill_fn(batch, prompt_len, max_len, param_shardings)
+        decode_fn = self._decode_fn(batch, max_len, static, param_shardings)
         if self.mesh is not None:
-            params = jax.device_put(params, self._param_shardings)
+            params = jax.device_put(params, param_shardings)
             prompts = jax.device_put(prompts, self._named(("batch", None), prompts.shape))
             prompt_lengths = jax.device_put(prompt_lengths, self._named(("batch",), (batch,)))
         logits, cache = prefill_fn(params, prompts, prompt_lengths)

@@ -424,3 +424,42 @@ def test_peft_loads_the_adapter_with_jaxposts_logits(case, tmp_path):
     own_shapes = {k: v.shape for k, v in own_tensors.items() if ".base_layer." not in k}
     ours_tensors = _read_safetensors(adapter_dir / "adapter_model.safetensors")
     assert own_shapes == {k: v.shape for k, v in ours_tensors.items()}
+
+
+@pytest.mark.parametrize("unstack,on_mesh", [(True, False), (False, False), (True, True)])
+def test_sampling_with_adapters_equals_sampling_from_the_merged_model(unstack, on_mesh):
+    from jaxpost.sampling import Sampler, SamplingConfig
+    from jaxpost.sharding import param_shardings
+
+    base_cfg = tiny("qwen2", num_layers=2, vocab_size=VOCAB)
+    lc = LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj", "lm_head"))
+    cfg = lora.with_lora(base_cfg, lc)
+    params = _with_random_b(_random_params(base_cfg), lc)
+    merged = lora.merge_adapters(params, lc.scale)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)) if on_mesh else None
+    if on_mesh:  # adapters sharded like their base, as the recipes place them
+        targets = lora.lora_targets(params, lc)
+        shardings = {**param_shardings(base_cfg, mesh)}
+        adapter_sh = logical_to_shardings(
+            lora.adapter_logical_axes(param_logical_axes(base_cfg), targets),
+            lora.init_adapters(params, lc, jax.random.key(0)), mesh)
+        params = jax.device_put(params, lora.attach_adapters(shardings, adapter_sh))
+    prompts = _tokens(b=8, t=6)
+    lengths = np.array([6, 3, 5, 6, 1, 4, 6, 2], np.int32)
+    greedy = None
+    for temperature in (0.0, 1.0):
+        scfg = SamplingConfig(max_new_tokens=5, temperature=temperature, eos_ids=())
+        with_adapters = Sampler(cfg, mesh, unstack_layers=unstack)(
+            params, prompts, lengths, jax.random.key(7), scfg)
+        from_merged = Sampler(base_cfg, mesh, unstack_layers=unstack)(
+            merged, prompts, lengths, jax.random.key(7), scfg)
+        np.testing.assert_array_equal(np.asarray(with_adapters.tokens),
+                                      np.asarray(from_merged.tokens))
+        np.testing.assert_allclose(np.asarray(with_adapters.logprobs),
+                                   np.asarray(from_merged.logprobs), atol=2e-5)
+        greedy = greedy or with_adapters
+    # ... and the adapters matter: the base alone samples something else.
+    plain = Sampler(base_cfg, mesh, unstack_layers=unstack)(
+        lora.strip_adapters(params), prompts, lengths, jax.random.key(7),
+        SamplingConfig(max_new_tokens=5, temperature=0.0, eos_ids=()))
+    assert np.abs(np.asarray(plain.logprobs) - np.asarray(greedy.logprobs)).max() > 1e-3
