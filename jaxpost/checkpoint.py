@@ -360,8 +360,14 @@ class RunCheckpoint:
 
     def restore_params(self, abstract_params: Any, shardings: Any) -> Any:
         """`params()` checked against the structure of `abstract_params`, cast to its
-        dtypes and placed onto `shardings`."""
+        dtypes and placed onto `shardings`. A LoRA run's adapters are merged into their
+        kernels (with the run's own scale) when `abstract_params` has none: the trained
+        model as plain params (to start another run from, or to score with)."""
+        from jaxpost.peft import lora
+
         params = self.params()
+        if lora.has_adapters(params) and not lora.has_adapters(abstract_params):
+            params = lora.merge_adapters(params, self.model_config().lora_scale)
         expected = jax.tree.structure(abstract_params)
         if jax.tree.structure(params) != expected:
             raise ValueError(f"the params in {self.directory} (step {self.step}) do not match "

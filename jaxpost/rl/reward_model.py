@@ -214,7 +214,8 @@ def load_reward_model(workdir: str, step: int | None = None, mesh=None,
             mesh = sh.make_mesh(sh.MeshConfig(), devices=jax.local_devices())
         params = run.restore_params(rm_param_shapes(model_cfg),
                                     rm_param_shardings(model_cfg, mesh, rules))
-    return model_cfg, params, metadata
+    # A LoRA reward model comes back merged: score with the plain config.
+    return model_cfg.replace(lora_scale=0.0, lora_dropout=0.0), params, metadata
 
 
 class RewardModelReward:

@@ -145,25 +145,16 @@ def model_init(section: ModelSection, cfg: ModelConfig, mesh, seed: int,
             return params
         if section.init_from:
             return params_of_run(section.init_from, section.init_step or None, abstract,
-                                  shardings)
+                                 shardings)
         return jax.jit(lambda: init_params(cfg, jax.random.key(seed)), out_shardings=shardings)()
 
     return init, abstract, shardings
 
 
 def params_of_run(workdir: str, step: int | None, abstract, shardings):
-    """Another run's params as the start of this one (LoRA adapters merged in)."""
+    """Another run's params as the start of this one (a LoRA run's adapters merged)."""
     with open_run(workdir, step) as ckpt:
-        params = ckpt.params()
-        scale = ckpt.model_config().lora_scale if L.has_adapters(params) else 0.0
-    if scale:
-        params = L.merge_adapters(params, scale)
-    if jax.tree.structure(params) != jax.tree.structure(abstract):
-        raise ValueError(f"the params of {workdir} (step {step or 'latest'}) do not match "
-                         f"the model: {jax.tree.structure(params)} vs "
-                         f"{jax.tree.structure(abstract)}")
-    return jax.tree.map(lambda x, a, sh_: jax.device_put(x.astype(a.dtype), sh_),
-                        params, abstract, shardings)
+        return ckpt.restore_params(abstract, shardings)
 
 
 def setup(model: ModelSection, mesh_section: MeshSection, tokenizer_spec: str):

@@ -179,6 +179,15 @@ def test_lora_sft_from_an_hf_folder_exports_a_peft_adapter_on_that_folder(tmp_pa
     cfg.lora.rank, cfg.lora.targets = 4, ("q_proj", "v_proj")
     result = train(load_config(cfg)[0])
     assert int(result.state.step) == 2
+    # Another run started from this one gets the merged model (adapters folded in).
+    from jaxpost.models import param_shapes
+    from jaxpost.train.common import params_of_run
+    base_cfg = tiny("llama", num_layers=2, vocab_size=264)
+    mesh = sh.make_mesh(sh.MeshConfig(), jax.devices()[:1])
+    started = params_of_run(str(tmp_path / "run"), None, param_shapes(base_cfg),
+                            sh.param_shardings(base_cfg, mesh))
+    merged = L.merge_adapters(jax.device_get(result.state.params), 8.0 / 4)
+    chex.assert_trees_all_close(jax.device_get(started), merged, atol=1e-6)
     export(str(tmp_path / "run"), str(tmp_path / "adapter"), peft=True)
     import json
     with open(tmp_path / "adapter" / "adapter_config.json") as f:

@@ -157,6 +157,36 @@ def test_init_from_a_reward_model_workdir_keeps_its_head(easy_run, tmp_path):
                                   np.asarray(result.state.params["score"]["kernel"]))
 
 
+def test_lora_reward_model_trains_adapters_and_head_and_scores_through_a_reward_spec(
+        easy_run, tmp_path):
+    import jax
+    from jaxpost.peft.lora import has_adapters, strip_adapters
+    from jaxpost.rl.rewards import RewardSet
+    _, _ = easy_run
+    data_path = str(tmp_path / "easy.jsonl")
+    _easy_pairs(data_path)
+    cfg = small_config(tmp_path / "lora", source=data_path)
+    cfg.steps = 30
+    cfg.lora.rank, cfg.lora.alpha = 4, 8.0
+    cfg.lora.targets = ("q_proj", "v_proj", "down_proj")
+    result = train(to_dataclass(RewardModelConfig, cfg))
+    state = result.state
+    names = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.trainable)}
+    assert any("score" in n for n in names) and any("lora_b" in n for n in names)
+    assert not has_adapters(state.frozen) and "score" not in state.frozen
+    assert all("lora_" in n or "score" in n for n in names)
+    metrics = read_metrics(tmp_path / "lora")
+    assert np.mean([m["loss"] for m in metrics[-5:]]) < np.log(2) - 0.1
+    assert metrics[0]["params_trainable"] < 0.2 * metrics[0]["params_frozen"]
+    # The same backbone without adapters scores differently: the adapters are applied.
+    rs = RewardSet([f"jaxpost.rl.reward_model:from_workdir(workdir={str(tmp_path / 'lora')!r})"])
+    prompts = [TOK.apply_chat_template([{"role": "user", "content": "say abc"}],
+                                       add_generation_prompt=True)] * 2
+    total, _ = rs(prompts, ["hej", "HEJ"])
+    assert total[0] > total[1]
+    assert strip_adapters(state.params).keys() == state.params.keys()
+
+
 # --------------------------------------------------------------------------------- slow
 @pytest.mark.slow
 def test_reward_model_prefers_correct_sums_on_held_out_problems(tmp_path):
