@@ -103,6 +103,40 @@ def _suggestion(word: str, candidates: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _unknown_key(where: str, key: str, valid: list[str]) -> str:
+    return (f"{where}.{key} is not a known key; valid keys: {', '.join(valid)}"
+            f"{_suggestion(key, valid)}")
+
+
+def override_error(cfg: Any, path: str, *, where: str = "config") -> str | None:
+    """Why the dotted override `path` (as in `--config.grpo.loss_type=dapo`) does not
+    name an entry of `cfg`, or None when it does.
+
+    ml_collections refuses such an override with a bare `AttributeError`/`KeyError`
+    (`"'lossz'"`); this names the full dotted key, the valid keys of the section it
+    would go into and the closest one. Paths with an index (`a.b[0]`) are not checked.
+
+    Args:
+        cfg: the recipe's ConfigDict (or dict) before overrides.
+        path: the override's key without the flag name, e.g. `"grpo.lossz"`.
+        where: the flag name the path hangs from.
+    """
+    if "[" in path:
+        return None
+    node, parents = cfg, [where]
+    for part in path.split("."):
+        if not _is_mapping(node):
+            kind = type(node).__name__
+            return (f"{'.'.join(parents)} is {'an' if kind[0] in 'aeiou' else 'a'} {kind}, "
+                    f"not a section: {where}.{path} names no key")
+        keys = [str(k) for k in node.keys()]
+        if part not in keys:
+            return _unknown_key(".".join(parents), part, sorted(keys))
+        node = node[part]
+        parents.append(part)
+    return None
+
+
 def _convert(tp: Any, value: Any, where: str) -> Any:
     """Validates `value` against the annotation `tp` and converts it; raises ConfigError."""
     origin = typing.get_origin(tp)
@@ -226,9 +260,7 @@ def to_dataclass(cls: type[T], cfg: ml_collections.ConfigDict | Mapping[str, Any
     values = dict(_items(cfg))
     for key in values:
         if key not in names:
-            raise ConfigError(
-                f"{where}.{key} is not a known key; valid keys: {', '.join(names)}"
-                f"{_suggestion(str(key), names)}")
+            raise ConfigError(_unknown_key(where, str(key), names))
     kwargs = {}
     for f in fields:
         if f.name not in values:

@@ -8,7 +8,8 @@ from typing import Literal, Optional
 import ml_collections
 import pytest
 
-from jaxpost.config import ConfigError, describe, field_help, to_config_dict, to_dataclass
+from jaxpost.config import (
+    ConfigError, describe, field_help, override_error, to_config_dict, to_dataclass)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,3 +170,15 @@ def test_field_help_reads_existing_model_config_comments():
     helps = field_help(ModelConfig)
     assert helps["hidden_size"] == "d_model"
     assert helps["vocab_size"] == ""
+
+
+def test_override_error_names_the_full_key_valid_keys_and_closest_one():
+    cfg = _cfg()
+    assert override_error(cfg, "optimizer.lr") is None
+    assert override_error(cfg, "freeze[0]") is None  # indexed paths are not checked
+    msg = override_error(cfg, "optimizer.lrr")
+    assert msg.startswith("config.optimizer.lrr is not a known key; valid keys: betas, clip_norm")
+    assert msg.endswith("(did you mean 'lr'?)")
+    assert override_error(cfg, "optimiser.lr").startswith("config.optimiser is not a known key")
+    assert override_error(cfg, "steps.x") == (
+        "config.steps is an int, not a section: config.steps.x names no key")

@@ -52,6 +52,14 @@ class ModelSection:
             raise ValueError(f"model.preset={self.preset!r}; known presets: {sorted(PRESETS)}")
 
 
+def _at_least(section, minimum: int, *names: str) -> None:
+    """Raises ValueError naming the first of `names` whose value is below `minimum`."""
+    for name in names:
+        value = getattr(section, name)
+        if value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalSection:
     """Generation-based evaluation on held-out prompts (recipes with a checker)."""
@@ -66,6 +74,9 @@ class EvalSection:
     def __post_init__(self):
         if self.task:
             synthetic.parse_spec(self.task)
+        _at_least(self, 1, "num_prompts", "batch_size", "max_new_tokens", "num_samples")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
 
 
 class GenerationEval:
@@ -184,6 +195,12 @@ class RecipeConfig(LoopConfig):
     trainable: tuple[str, ...] = ()  # if non-empty, tensors matching none of these are frozen (with LoRA: base tensors that train besides the adapters)
     freeze_preset: str = ""  # "mid_mlp(a,b)" (layers a..b-1), "qk_only", "attention_only", "mlp_only", "hft(seed)" (Half Fine-Tuning); see jaxpost.peft.freeze
     lora: L.LoraConfig = L.LoraConfig()  # LoRA adapters (rank 0: off); the base is frozen except tensors `trainable` names
+
+    def __post_init__(self):
+        # LoopConfig's keys, checked here where every recipe passes: a zero would train
+        # nothing and exit 0 (steps), or fail deep inside the loop (grad_accum_steps).
+        _at_least(self, 1, "steps", "grad_accum_steps", "keep_checkpoints")
+        _at_least(self, 0, "log_every", "checkpoint_every", "eval_every")
 
 
 @dataclasses.dataclass
