@@ -75,3 +75,93 @@ def test_zero_steps_accumulation_and_eval_prompts_are_rejected_naming_the_key(
         tmp_path, override, key):
     line = error_line(run_cli(f"--config.workdir={tmp_path}", override))
     assert key in line and ">= 1, got 0" in line, line
+
+
+# ------------------------------------------------------ item 2: resume checks the config
+def tiny_sft(workdir, *extra: str, steps: int = 2) -> subprocess.CompletedProcess:
+    return run_cli(f"--config.workdir={workdir}", f"--config.steps={steps}", *TINY_SFT, *extra)
+
+
+@pytest.fixture(scope="module")
+def trained_sft(tmp_path_factory):
+    """A tiny SFT workdir trained for 2 steps (checkpoint at step 2)."""
+    workdir = tmp_path_factory.mktemp("trained") / "run"
+    proc = tiny_sft(workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir
+
+
+def copy_of(workdir, tmp_path):
+    import shutil
+    shutil.copytree(workdir, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def checkpoint_steps(workdir) -> list[str]:
+    return sorted(p for p in os.listdir(os.path.join(workdir, "checkpoints")) if p.isdigit())
+
+
+def test_resume_as_another_model_with_the_same_param_shapes_stops_naming_the_keys(
+        trained_sft, tmp_path):
+    workdir = copy_of(trained_sft, tmp_path)
+    # 2 heads x 16 = 4 heads x 8 and 1 kv head x 16 = 2 x 8: every tensor keeps its
+    # shape, so today this restores and trains on as a different model.
+    line = error_line(tiny_sft(workdir, "--config.model.num_heads=4", "--config.model.head_dim=8",
+                               "--config.model.num_kv_heads=2", steps=3))
+    for key in ("model.num_heads: checkpoint 2, now 4", "model.head_dim: checkpoint 16, now 8",
+                "model.num_kv_heads: checkpoint 1, now 2", "step 2", str(workdir),
+                "--config.allow_config_change="):
+        assert key in line, line
+    assert checkpoint_steps(workdir) == ["2"]  # nothing was trained or saved
+
+
+@pytest.mark.parametrize("override, key", [
+    ("--config.model.rope_theta=500000.0", "model.rope_theta: checkpoint 10000.0, now 500000.0"),
+    ("--config.data.source=synthetic:addition:3", "data.source: checkpoint 'synthetic:addition:2'"),
+    ("--config.freeze=('mlp',)", "freeze: checkpoint (), now ('mlp',)"),
+    ("--config.lora.rank=4", "lora.rank: checkpoint 0, now 4"),
+])
+def test_resume_with_a_changed_identity_key_stops_naming_it(trained_sft, tmp_path, override,
+                                                            key):
+    workdir = copy_of(trained_sft, tmp_path)
+    line = error_line(tiny_sft(workdir, override, steps=3))
+    assert key in line, line
+    assert checkpoint_steps(workdir) == ["2"]
+
+
+def test_resume_may_change_lr_steps_and_numerics_and_keys_it_allows(trained_sft, tmp_path):
+    workdir = copy_of(trained_sft, tmp_path)
+    proc = tiny_sft(workdir, "--config.optimizer.lr=1e-3", "--config.model.remat_policy=full",
+                    "--config.model.rope_theta=20000.0",
+                    "--config.allow_config_change=('model.rope_theta',)", steps=3)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr
+    assert "model.rope_theta=20000.0 (its checkpoint has 10000.0)" in proc.stderr
+    steps = [json.loads(x)["step"] for x in open(workdir / "metrics.jsonl")]
+    assert steps[-1] == 3
+    # The new value is the run's from now on: resuming again needs no allowance.
+    proc = tiny_sft(workdir, "--config.model.rope_theta=20000.0", steps=4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_config_changes_compare_identity_keys_and_model_fields_only():
+    import dataclasses
+
+    from jaxpost.models import tiny
+    from jaxpost.train.common import _allowed, config_changes
+    from jaxpost.train.sft import SFTConfig
+
+    cfg, model = SFTConfig(workdir="w"), tiny("llama", num_layers=1, vocab_size=64)
+    stored = {"config": json.loads(json.dumps(dataclasses.asdict(cfg))),
+              "model": dataclasses.asdict(model)}
+    free = dataclasses.replace(cfg, steps=7, seed=3, optimizer=dataclasses.replace(
+        cfg.optimizer, lr=1.0), lora=dataclasses.replace(cfg.lora, targets=("o_proj",)))
+    assert config_changes(stored, free, model.replace(dtype="bfloat16", scan_layers=False)) == []
+    changed = dataclasses.replace(cfg, trainer="grpo", data=dataclasses.replace(
+        cfg.data, tokenizer="/hf/tok"))
+    assert config_changes(stored, changed, model.replace(vocab_size=128)) == [
+        ("trainer", "sft", "grpo"), ("data.tokenizer", "byte", "/hf/tok"),
+        ("model.vocab_size", 64, 128)]
+    assert config_changes({}, changed, model) == []  # metadata without a config: no check
+    assert _allowed("model.rope_theta", ("model",)) and _allowed("data.source", ("*",))
+    assert not _allowed("model.rope_theta", ("model.rope",))

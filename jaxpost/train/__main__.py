@@ -129,7 +129,12 @@ def main(argv):
         _fail(str(e))
     except OSError as e:  # ml_collections defers a recipe file it cannot read to here
         _fail(f"--config={_recipe_path(sys.argv)}: cannot load the recipe: {_last_line(e)}")
-    result = train(cfg)
+    from jaxpost.train.common import ConfigChangedError
+
+    try:
+        result = train(cfg)
+    except ConfigChangedError as e:  # resuming a workdir with other identity keys
+        _fail(str(e))
     for k, v in sorted(result.eval_metrics.items()):
         print(f"{k}: {v:.4f}")
     if result.preempted:

@@ -4,13 +4,15 @@ train, LoRA), and how those sections become a model config, params and a loop ru
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import jax
 
 from jaxpost import sharding as sh
-from jaxpost.checkpoint import open_run, restore_params
+from jaxpost.checkpoint import latest_run_step, open_run, restore_params, run_metadata
 from jaxpost.data import synthetic
 from jaxpost.eval.generation import generation_accuracy
 from jaxpost.models import ModelConfig, from_hf, init_params, param_shapes, preset
@@ -22,6 +24,7 @@ from jaxpost.peft.freeze import Mask, Rules, make_rules, trainable_mask
 from jaxpost.sampling import Sampler, SamplingConfig
 from jaxpost.train.loop import LoopConfig, run
 
+log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
@@ -195,6 +198,22 @@ class RecipeConfig(LoopConfig):
     trainable: tuple[str, ...] = ()  # if non-empty, tensors matching none of these are frozen (with LoRA: base tensors that train besides the adapters)
     freeze_preset: str = ""  # "mid_mlp(a,b)" (layers a..b-1), "qk_only", "attention_only", "mlp_only", "hft(seed)" (Half Fine-Tuning); see jaxpost.peft.freeze
     lora: L.LoraConfig = L.LoraConfig()  # LoRA adapters (rank 0: off); the base is frozen except tensors `trainable` names
+    allow_config_change: tuple[str, ...] = ()  # on resume: identity keys that may differ from the checkpoint's (dotted, as the error names them, e.g. "model.rope_theta"; a section such as "data" allows all its keys; "*": any)
+
+    #: The recipe keys that say what a checkpoint *is*: where training started, which
+    #: params train, which data and tokenizer. Resuming a workdir whose latest
+    #: checkpoint stored other values stops with the keys named (see
+    #: `check_resume_config`), unless `allow_config_change` lists them. The model's
+    #: architecture is compared through its `ModelConfig` (every field but
+    #: `RESUME_FREE_MODEL_FIELDS`). Every other key (optimizer, steps, logging,
+    #: checkpointing, evaluation, batch and sequence sizes, GRPO knobs, rewards, mesh)
+    #: may change freely. Keys a recipe does not have are skipped; trainers extend this.
+    identity_keys: ClassVar[tuple[str, ...]] = (
+        "trainer", "model.hf_path", "model.init_from", "model.init_step",
+        "freeze", "trainable", "freeze_preset",
+        "lora.rank", "lora.alpha", "lora.targets", "lora.rslora",
+        "data.source", "data.split", "data.data_dir", "data.num_records", "data.tokenizer",
+        "data.chat")
 
     def __post_init__(self):
         # LoopConfig's keys, checked here where every recipe passes: a zero would train
@@ -286,10 +305,100 @@ def reference_params(plan: ParamsPlan) -> Callable[[Any], Any]:
     return reference
 
 
+#: ModelConfig fields a resumed run may change freely: compute numerics and layout that
+#: leave the params' meaning alone (`lora_scale` and `lora_dropout` follow the `lora.*`
+#: keys, compared as such; `initializer_range` only matters before the first step).
+RESUME_FREE_MODEL_FIELDS = ("dtype", "scan_layers", "remat_policy", "initializer_range",
+                            "lora_scale", "lora_dropout")
+
+
+class ConfigChangedError(ValueError):
+    """A resumed workdir's checkpoint was written with other identity keys."""
+
+
+def _json(value: Any) -> Any:
+    return json.loads(json.dumps(value))  # tuples -> lists, as stored in the metadata
+
+
+def _lookup(tree: Any, dotted: str) -> tuple[bool, Any]:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return False, None
+        tree = tree[part]
+    return True, tree
+
+
+def config_changes(metadata: dict, cfg: RecipeConfig,
+                   model_cfg: ModelConfig) -> list[tuple[str, Any, Any]]:
+    """`(key, stored, now)` for every identity key (`cfg.identity_keys`) and every
+    compared `ModelConfig` field (as `model.FIELD`) whose value differs from the one in a
+    checkpoint's `metadata`. Keys the metadata lacks (older checkpoints) are skipped."""
+    stored_cfg, stored_model = (_json(metadata.get(k) or {}) for k in ("config", "model"))
+    now_cfg, now_model = _json(dataclasses.asdict(cfg)), _json(dataclasses.asdict(model_cfg))
+    changes = []
+    no_lora = all(_lookup(c, "lora.rank")[1] in (0, None) for c in (stored_cfg, now_cfg))
+    for key in type(cfg).identity_keys:
+        if no_lora and key.startswith("lora."):
+            continue  # targets of LoRA that is off in both runs do not matter
+        (had, old), (has, new) = _lookup(stored_cfg, key), _lookup(now_cfg, key)
+        if had and has and old != new:
+            changes.append((key, old, new))
+    for name, new in now_model.items():
+        if name in RESUME_FREE_MODEL_FIELDS or name not in stored_model:
+            continue
+        if stored_model[name] != new:
+            changes.append((f"model.{name}", stored_model[name], new))
+    return changes
+
+
+def _allowed(key: str, allow: tuple[str, ...]) -> bool:
+    return any(a == "*" or key == a or key.startswith(a + ".") for a in allow)
+
+
+def _short(value: Any) -> str:
+    text = repr(tuple(value) if isinstance(value, list) else value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_resume_config(cfg: RecipeConfig, model_cfg: ModelConfig) -> None:
+    """Before resuming `cfg.workdir`: compares the identity keys and the model config
+    with the metadata of its latest checkpoint (nothing to do without one).
+
+    Raises:
+      ConfigChangedError: naming each differing key with its stored and new values,
+        unless `cfg.allow_config_change` lists it (then it is logged as a warning).
+    """
+    step = latest_run_step(cfg.workdir)
+    if step is None:
+        return
+    try:
+        metadata = run_metadata(cfg.workdir, step)
+    except Exception as e:  # noqa: BLE001 - an unreadable checkpoint is the loop's to report
+        log.warning("cannot read the metadata of step %d in %s to compare configs: %s",
+                    step, cfg.workdir, e)
+        return
+    changes = config_changes(metadata, cfg, model_cfg)
+    refused = [c for c in changes if not _allowed(c[0], cfg.allow_config_change)]
+    for key, old, new in changes:
+        if (key, old, new) not in refused:
+            log.warning("resuming %s with %s=%s (its checkpoint has %s): allowed by "
+                        "allow_config_change", cfg.workdir, key, _short(new), _short(old))
+    if refused:
+        listed = "; ".join(f"{k}: checkpoint {_short(o)}, now {_short(n)}" for k, o, n in refused)
+        keys = tuple(k for k, _, _ in refused)
+        raise ConfigChangedError(
+            f"config.workdir={cfg.workdir} holds a checkpoint (step {step}) of another run: "
+            f"{listed}. Resuming would train it as a different model or on other data; use "
+            f"a new workdir, or if the change is deliberate pass "
+            f"--config.allow_config_change=\"{keys!r}\"")
+
+
 def run_recipe(cfg: RecipeConfig, task, plan: ParamsPlan, mesh, **extra_metadata: Any):
     """Runs the shared loop with the recipe's `optimizer` section over `cfg.steps`, storing
     the config, the model config and the parameter split (plus `extra_metadata`) with
-    every checkpoint."""
+    every checkpoint. A workdir with a checkpoint resumes only if its identity keys match
+    (`check_resume_config`)."""
+    check_resume_config(cfg, plan.model_cfg)
     counts = plan.counts
     return run(cfg, task, init_params=plan.init, abstract_params=plan.abstract,
                param_shardings=plan.shardings, trainable_mask=plan.mask,

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -96,6 +96,10 @@ class GRPOConfig(RecipeConfig):
     eval: EvalSection = EvalSection()
     init_sft_config: str = ""  # a recipe file: train it into WORKDIR/sft_init first when model.init_from is unset
     init_sft_steps: int = 0  # steps of that SFT warm-up (0: its own `steps`)
+
+    identity_keys: ClassVar[tuple[str, ...]] = RecipeConfig.identity_keys + (
+        "prompts.source", "prompts.split", "prompts.data_dir", "prompts.num_records",
+        "prompts.tokenizer", "prompts.chat")
 
 
 def make_grpo_loss(model_cfg: ModelConfig, g: GRPOSection):
