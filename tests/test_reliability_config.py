@@ -50,6 +50,7 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     ("--noconfig.grpo.betta", "(did you mean 'beta'?)"),
     ("--config.model.hidden_size.x=3", "config.model.hidden_size is an int, not a section"),
     ("--config.grpo.num_generations=abc", "--config.grpo.num_generations=abc"),
+    ("--config.grpo.num_generations=1", "config.grpo: num_generations must be >= 2, got 1"),
 ])
 def test_a_bad_command_line_override_is_one_line_naming_the_full_key(tmp_path, override,
                                                                      expected):

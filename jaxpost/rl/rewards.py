@@ -23,7 +23,9 @@ Config specs (`reward_fns` in a recipe, a tuple of strings):
 
 `RewardSet` resolves specs, calls every function on a batch, checks what comes back and
 combines the results with weights (`sum_k w_k r_k` over the functions that returned a
-value; NaN where none did, which `group_advantages` turns into advantage 0).
+value; NaN where none did, which `group_advantages` turns into advantage 0). A returned
+NaN counts as None; a batch in which no row has any reward is an error
+(`require_some_reward`, which the GRPO trainer calls on every rollout batch).
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ import numpy as np
 RewardFn = Callable[..., Sequence[Union[float, None]]]
 
 __all__ = ["RewardFn", "RewardSpecError", "RewardFunctionError", "resolve_reward",
-           "RewardSet", "reward_metrics", "extract_answer", "exact_answer", "format_reward",
-           "soft_overlong_penalty"]
+           "RewardSet", "reward_metrics", "require_some_reward", "extract_answer",
+           "exact_answer", "format_reward", "soft_overlong_penalty"]
 
 
 class RewardSpecError(ValueError):
@@ -312,6 +314,35 @@ def reward_metrics(total: np.ndarray, per_function: Mapping[str, np.ndarray]) ->
         out[f"rewards/{name}/mean"] = _nan_stat(np.nanmean, r)
         out[f"rewards/{name}/std"] = _nan_stat(np.nanstd, r)
     return out
+
+
+def require_some_reward(total: np.ndarray, per_function: Mapping[str, np.ndarray],
+                        prompts: Sequence[str], completions: Sequence[str]) -> None:
+    """Raises unless at least one row of a batch has a reward.
+
+    A batch whose every total is NaN (each function returned None or NaN for each row)
+    has advantage 0 everywhere: training on it learns nothing while logging `reward nan`.
+
+    Args:
+        total, per_function: what `RewardSet.__call__` returned.
+        prompts, completions: the batch (the first example is quoted in the error).
+
+    Raises:
+        RewardFunctionError: naming every function and how many rows it left unscored.
+    """
+    total = np.asarray(total, np.float64)
+    if total.size == 0 or np.any(~np.isnan(total)):
+        return
+    n = total.size
+    counts = ", ".join(f"{name} {int(np.sum(np.isnan(np.asarray(r, np.float64))))}/{n}"
+                       for name, r in per_function.items())
+    raise RewardFunctionError(
+        f"no completion of this batch of {n} has a reward: every reward function returned "
+        f"None or NaN for every row (None/NaN per function: {counts}), so every advantage "
+        "is 0 and nothing can be learned. A NaN counts as None; check the functions and "
+        "the dataset columns they read.\n"
+        f"  example 0: prompt {_shorten(prompts[0])!r}, completion {_shorten(completions[0])!r}",
+        ", ".join(per_function))
 
 
 def _nan_stat(fn, x) -> float:

@@ -30,7 +30,7 @@ from jaxpost.eval.generation import pad_prompts
 from jaxpost.models import ModelConfig, param_logical_axes
 from jaxpost.optim import OptimizerConfig
 from jaxpost.rl import grpo as G
-from jaxpost.rl.rewards import RewardSet, resolve_reward, reward_metrics
+from jaxpost.rl.rewards import RewardSet, require_some_reward, resolve_reward, reward_metrics
 from jaxpost.rl.rollout import build_rows, completion_logprobs
 from jaxpost.sampling import Sampler, SamplingConfig
 from jaxpost.train.common import (
@@ -73,13 +73,23 @@ class GRPOSection:
     num_iterations: int = 1  # mu: optimizer steps per rollout batch
     mask_truncated_completions: bool = False  # DAPO overlong filtering: no loss on truncated rows
     old_logprobs: Literal["recompute", "sampler"] = "recompute"  # mu > 1: old policy from a forward pass or the sampler
+    warn_zero_std_rollouts: int = 10  # warn when this many rollout batches in a row have no reward spread in any group (0: never)
 
     def __post_init__(self):
-        if self.num_generations < 1 or self.prompts_per_step < 1 or self.num_iterations < 1:
-            raise ValueError("grpo.num_generations, grpo.prompts_per_step and grpo.num_iterations "
-                             "must be >= 1")
-        if self.max_completion_length < 1 or self.max_prompt_length < 1:
-            raise ValueError("grpo.max_prompt_length and grpo.max_completion_length must be >= 1")
+        if self.num_generations < 2:
+            # Every advantage estimator here (scale_rewards group / batch / none) subtracts
+            # the group's mean reward; one that needs no group would lift this.
+            raise ValueError(
+                f"num_generations must be >= 2, got {self.num_generations}: a completion's "
+                "advantage is its reward minus the mean of its prompt's group, so a group "
+                "of one has advantage 0 and nothing is learned")
+        for name in ("prompts_per_step", "num_iterations", "max_prompt_length",
+                     "max_completion_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warn_zero_std_rollouts < 0:
+            raise ValueError(f"warn_zero_std_rollouts must be >= 0 (0: never), got "
+                             f"{self.warn_zero_std_rollouts}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +191,7 @@ class GRPOTask:
         self._batch = None
         self._uses = 0
         self._prompt_state = self.prompts.get_state()
+        self._zero_std_streak = 0  # rollout batches in a row without any reward spread
 
     # -- rollout --------------------------------------------------------------------
     def _rollout(self, state) -> tuple[dict, dict]:
@@ -203,8 +214,10 @@ class GRPOTask:
         columns["completion_lengths"] = [int(x) for x in out.lengths]
         columns["truncated"] = [bool(x) for x in out.truncated]
         total, per_fn = self.rewards([r["prompt"] for r in rows], completions, columns)
+        require_some_reward(total, per_fn, [r["prompt"] for r in rows], completions)
         seq_adv, adv_stats = G.group_advantages(jnp.asarray(total, jnp.float32),
                                                 g.num_generations, g.scale_rewards)
+        self._watch_zero_std(float(adv_stats["frac_reward_zero_std"]), per_fn)
         batch = build_rows(prompt_ids, out.tokens, out.lengths, width, self.tokenizer.pad_id)
         mask = batch["completion_mask"]
         if g.mask_truncated_completions:
@@ -248,6 +261,22 @@ class GRPOTask:
             batch["ref_logp"] = np.asarray(jax.device_get(ref))
         metrics["time_reference_s"] = time.perf_counter() - t2
         return batch, metrics
+
+    def _watch_zero_std(self, frac_zero_std: float, per_fn: dict) -> None:
+        """Warns (every `warn_zero_std_rollouts` batches of a streak) while no group has
+        any reward spread: all advantages are 0, and only the KL term moves the policy."""
+        every = self.g.warn_zero_std_rollouts
+        self._zero_std_streak = self._zero_std_streak + 1 if frac_zero_std >= 1.0 else 0
+        if every and self._zero_std_streak and self._zero_std_streak % every == 0:
+            means = ", ".join(f"{name} {np.nanmean(r) if np.any(~np.isnan(r)) else float('nan'):.4g}"
+                              for name, r in per_fn.items())
+            log.warning(
+                "the last %d rollout batches had no reward spread in any group "
+                "(frac_reward_zero_std 1.0): each prompt's %d completions got equal rewards, "
+                "so every advantage is 0 and the policy gets no reward gradient (mean rewards: "
+                "%s); check the reward functions, or raise grpo.temperature / "
+                "grpo.num_generations, or start from a model that sometimes succeeds",
+                self._zero_std_streak, self.g.num_generations, means)
 
     def next_batch(self, state):
         if self._batch is None or self._uses >= self.g.num_iterations:

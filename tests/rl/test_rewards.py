@@ -239,3 +239,14 @@ def test_soft_overlong_penalty_numbers():
     total, _ = rs(["p", "p"], ["\\boxed{3}", "\\boxed{4}"],
                   {"answer": ["3", "3"], "completion_lengths": [90, 50]})
     np.testing.assert_allclose(total, [0.5, 0.0])
+
+
+def test_require_some_reward_refuses_a_batch_no_function_scored(fake_module):
+    rs = RewardSet(("fake_rewards:needs_answer", "fake_rewards:needs_answer"))
+    total, per = rs(["p", "q"], ["a", "b"], {"answer": [None, None]})
+    with pytest.raises(RewardFunctionError, match=r"batch of 2 has a reward.*needs_answer 2/2, "
+                                                  r"needs_answer_2 2/2") as e:
+        rewards.require_some_reward(total, per, ["p", "q"], ["a", "b"])
+    assert e.value.function == "needs_answer, needs_answer_2"
+    total, per = rs(["p", "q"], ["a", "b"], {"answer": [None, "b"]})
+    rewards.require_some_reward(total, per, ["p", "q"], ["a", "b"])  # one row scored: fine

@@ -182,3 +182,64 @@ def test_a_reward_function_that_raises_stops_the_run_naming_it(tmp_path):
 def broken_reward(prompts, completions, **columns):
     """A reward function with a bug, for the test above."""
     return [1.0 / 0.0 if i == 3 else 0.0 for i in range(len(completions))]
+
+
+# ------------------------------------------------- configurations that cannot learn
+def test_one_generation_per_prompt_is_refused_naming_the_key():
+    with pytest.raises(ValueError, match=r"num_generations must be >= 2, got 1: .*advantage 0"):
+        GRPOSection(num_generations=1)
+    from jaxpost.config import ConfigError
+    from jaxpost.train.__main__ import load_config
+    cfg = to_config_dict(GRPOConfig(workdir="w"))
+    cfg.grpo.num_generations = 1
+    with pytest.raises(ConfigError, match=r"^config\.grpo: num_generations must be >= 2"):
+        load_config(cfg)
+
+
+def _rollout_task(tmp_path, reward, **grpo):
+    """A GRPOTask on a random tiny model (one device) and a state-like object."""
+    import types
+
+    from jaxpost.train.common import setup
+    from jaxpost.train.grpo import GRPOTask
+
+    cfg = _small_grpo(tmp_path, reward_fns=(reward,), reward_weights=(1.0,))
+    cfg = dataclasses.replace(
+        cfg, mesh=dataclasses.replace(cfg.mesh, num_devices=1),
+        grpo=dataclasses.replace(cfg.grpo, beta=0.0, num_iterations=1, **grpo))
+    tokenizer, mesh, model_cfg = setup(cfg.model, cfg.mesh, cfg.prompts.tokenizer)
+    task = GRPOTask(cfg, model_cfg, tokenizer, mesh)
+    state = types.SimpleNamespace(params=init_params(model_cfg, jax.random.key(0)),
+                                  rng=jax.random.key_data(jax.random.key(0)))
+    return task, state
+
+
+def no_reward(prompts, completions, **columns):
+    """A reward that applies to nothing: None for half the rows, NaN for the rest."""
+    return [None if i % 2 else float("nan") for i in range(len(completions))]
+
+
+def constant_reward(prompts, completions, **columns):
+    return [1.0] * len(completions)
+
+
+def test_a_rollout_batch_without_any_reward_is_an_error_naming_the_functions(tmp_path):
+    task, state = _rollout_task(tmp_path, "tests.train.test_grpo:no_reward")
+    with pytest.raises(RewardFunctionError, match=r"no completion of this batch of 8 has a "
+                                                  r"reward.*no_reward 8/8"):
+        task.next_batch(state)
+
+
+def test_rollouts_without_reward_spread_warn_every_n_batches(tmp_path, caplog):
+    task, state = _rollout_task(tmp_path, "tests.train.test_grpo:constant_reward",
+                                warn_zero_std_rollouts=2)
+    warnings = []
+    for _ in range(4):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="jaxpost.train.grpo"):
+            _, metrics = task.next_batch(state)
+        assert metrics["frac_reward_zero_std"] == 1.0
+        warnings.append([r.getMessage() for r in caplog.records])
+    assert [len(w) for w in warnings] == [0, 1, 0, 1]
+    assert "the last 2 rollout batches had no reward spread" in warnings[1][0]
+    assert "constant_reward 1" in warnings[1][0] and "the last 4" in warnings[3][0]
