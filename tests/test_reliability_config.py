@@ -166,3 +166,72 @@ def test_config_changes_compare_identity_keys_and_model_fields_only():
     assert config_changes({}, changed, model) == []  # metadata without a config: no check
     assert _allowed("model.rope_theta", ("model",)) and _allowed("data.source", ("*",))
     assert not _allowed("model.rope_theta", ("model.rope",))
+
+
+# ------------------------------------------ item 7: SIGTERM during the GRPO SFT warm-up
+TINY_SFT_RECIPE = '''
+from jaxpost.config import to_config_dict
+from jaxpost.train.sft import SFTConfig
+
+
+def get_config():
+    cfg = to_config_dict(SFTConfig())
+    cfg.steps = 100000  # long enough to be interrupted; the test's second run shortens it
+    cfg.log_every = 1
+    cfg.checkpoint_every = 100000
+    cfg.eval_every = 0
+    for key, value in dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                           num_kv_heads=1, head_dim=16).items():
+        cfg.model[key] = value
+    cfg.data.source = "synthetic:addition:2"
+    cfg.data.num_records = 200
+    cfg.data.seq_len = 32
+    cfg.data.batch_size = 8
+    return cfg
+'''
+TINY_GRPO = [
+    "--config.model.init_step=0", "--config.eval_at_start=False", "--config.eval_every=0",
+    "--config.log_every=1", "--config.checkpoint_every=1", "--config.prompts.num_records=32",
+    "--config.grpo.num_generations=2", "--config.grpo.prompts_per_step=2",
+    "--config.grpo.max_completion_length=4", "--config.grpo.beta=0.0",
+]
+
+
+def metrics_steps(path) -> list[int]:
+    if not os.path.exists(path):
+        return []
+    return [json.loads(x)["step"] for x in open(path) if x.strip()]
+
+
+@pytest.mark.slow
+def test_sigterm_in_the_grpo_sft_warm_up_exits_0_and_the_next_run_finishes_it_first(tmp_path):
+    recipe = tmp_path / "tiny_sft.py"
+    recipe.write_text(TINY_SFT_RECIPE)
+    workdir = tmp_path / "grpo"
+    args = [sys.executable, "-m", "jaxpost.train", "--config=configs/grpo_demo.py",
+            f"--config.workdir={workdir}", f"--config.init_sft_config={recipe}",
+            "--config.steps=1", *TINY_GRPO]
+    warm_metrics = workdir / "sft_init" / "metrics.jsonl"
+    proc = subprocess.Popen([*args, "--config.init_sft_steps=0"], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while len(metrics_steps(warm_metrics)) < 3:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "preempted during the SFT warm-up" in out
+    saved = sorted(int(p) for p in os.listdir(workdir / "sft_init" / "checkpoints") if p.isdigit())
+    assert len(saved) == 1 and saved[0] >= 3
+    assert not (workdir / "checkpoints").exists()  # GRPO did not start from the partial warm-up
+    assert metrics_steps(workdir / "metrics.jsonl") == []
+
+    # The next run resumes the warm-up to its (now shorter) end, then runs GRPO from it.
+    end = saved[0] + 2
+    proc = subprocess.run([*args, f"--config.init_sft_steps={end}"], cwd=ROOT, text=True,
+                          capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"sft_init/checkpoints at step {saved[0]}" in proc.stderr  # resumed, not restarted
+    assert metrics_steps(warm_metrics)[-2:] == [end - 1, end]
+    assert metrics_steps(workdir / "metrics.jsonl") == [1]

@@ -306,10 +306,15 @@ class GRPOTask:
         return self.evaluator(params, step)
 
 
-def _init_sft(cfg: GRPOConfig) -> ModelSection:
-    """Trains the in-config SFT warm-up (if asked) and points model.init_from at it."""
+def _init_sft(cfg: GRPOConfig) -> tuple[ModelSection, Any]:
+    """Trains the in-config SFT warm-up (if asked) and points model.init_from at it.
+
+    Returns `(model section, warm-up LoopResult or None)`. A warm-up stopped by SIGTERM
+    has saved its checkpoint (`result.preempted`); GRPO must not start from it, and the
+    next run resumes the warm-up (its loop resumes WORKDIR/sft_init like any workdir).
+    """
     if cfg.model.init_from or cfg.model.hf_path or not cfg.init_sft_config:
-        return cfg.model
+        return cfg.model, None
     import importlib.util
 
     from jaxpost.config import to_dataclass
@@ -326,14 +331,24 @@ def _init_sft(cfg: GRPOConfig) -> ModelSection:
         sft_dict.steps = cfg.init_sft_steps
     sft_cfg = to_dataclass(sft.SFTConfig, sft_dict, where="init_sft_config")
     log.info("training the SFT warm-up into %s", sft_cfg.workdir)
-    sft.train(sft_cfg)
+    result = sft.train(sft_cfg)
     return dataclasses.replace(sft_cfg.model, init_from=sft_cfg.workdir,
-                               init_step=cfg.model.init_step)
+                               init_step=cfg.model.init_step), result
 
 
 def train(cfg: GRPOConfig):
-    """Runs (or resumes) a GRPO recipe; returns the loop's result."""
-    model_section = _init_sft(cfg)
+    """Runs (or resumes) a GRPO recipe; returns the loop's result.
+
+    With `init_sft_config`, the SFT warm-up runs (or resumes, or finds itself done)
+    first; if SIGTERM stops it, its result (`preempted`) is returned right after its
+    checkpoint is saved and GRPO does not start: the next run finishes the warm-up.
+    """
+    model_section, warmup = _init_sft(cfg)
+    if warmup is not None and warmup.preempted:
+        log.warning("preempted during the SFT warm-up: %s saved at step %d; run again "
+                    "with the same workdir to finish the warm-up, then GRPO",
+                    os.path.join(cfg.workdir, "sft_init"), int(warmup.state.step))
+        return warmup
     tokenizer, mesh, model_cfg = setup(model_section, cfg.mesh, cfg.prompts.tokenizer)
     plan = plan_params(cfg, model_cfg, *model_init(model_section, model_cfg, mesh, cfg.seed),
                        param_logical_axes(model_cfg), mesh)
