@@ -37,7 +37,7 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, Sharding, SingleDeviceSharding
 
-from jaxpost.models.config import ModelConfig
+from jaxpost.models.config import ModelConfig, UnsupportedModelError
 from jaxpost.models.transformer import param_shapes
 from jaxpost.sharding import DEFAULT_RULES, param_shardings
 
@@ -190,9 +190,38 @@ class _TensorInfo:
     end: int
 
 
+def _tensor_info(path: str, name: str, meta: Any, data_start: int, size: int) -> _TensorInfo:
+    """One header entry, checked against the file: a truncated file (an interrupted
+    download or copy) is named with the first tensor whose bytes are not all there."""
+    def bad(problem: str) -> HFCheckpointError:
+        return HFCheckpointError(f"tensor {name!r} in {path}: {problem}", tensor=name)
+
+    if not isinstance(meta, Mapping) or not {"dtype", "shape", "data_offsets"} <= set(meta):
+        raise bad(f"malformed header entry {meta!r}; expected dtype, shape and data_offsets")
+    if meta["dtype"] not in _ST_TO_NP:
+        raise bad(f"has dtype {meta['dtype']}; supported: {sorted(_ST_TO_NP)}")
+    shape, offsets = meta["shape"], meta["data_offsets"]
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise bad(f"malformed shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        raise bad(f"malformed data_offsets {offsets!r}")
+    dtype = _ST_TO_NP[meta["dtype"]]
+    begin, end = data_start + offsets[0], data_start + offsets[1]
+    needed = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if end - begin != needed:
+        raise bad(f"shape {shape} of {meta['dtype']} needs {needed} bytes, but its "
+                  f"data_offsets {offsets} span {end - begin}; the header is corrupt")
+    if end > size:
+        raise bad(f"its data ends at byte {end}, but the file has only {size} bytes: the file "
+                  "is truncated (an interrupted download or copy?); fetch it again")
+    return _TensorInfo(name=name, file=os.path.basename(path), dtype=dtype,
+                       shape=tuple(shape), begin=begin, end=end)
+
+
 def _read_header(path: str) -> list[_TensorInfo]:
-    """Tensor descriptions of one safetensors file (reads only its header)."""
-    fname = os.path.basename(path)
+    """Tensor descriptions of one safetensors file (reads only its header), each checked
+    to lie inside the file."""
     with open(path, "rb") as f:
         raw_len = f.read(8)
         if len(raw_len) != 8:
@@ -202,33 +231,79 @@ def _read_header(path: str) -> list[_TensorInfo]:
         if header_len > size - 8:
             raise HFCheckpointError(
                 f"{path}: header length {header_len} exceeds the file size {size}; "
-                "is this a safetensors file?")
+                "is this a safetensors file (or a truncated one)?")
         try:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise HFCheckpointError(f"{path}: unreadable safetensors header ({e})") from e
+    if not isinstance(header, Mapping):
+        raise HFCheckpointError(f"{path}: the safetensors header is not a JSON object")
     data_start = 8 + header_len
-    infos = []
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        if meta["dtype"] not in _ST_TO_NP:
-            raise HFCheckpointError(
-                f"tensor {name!r} in {path} has dtype {meta['dtype']}; supported: "
-                f"{sorted(_ST_TO_NP)}", tensor=name)
-        begin, end = meta["data_offsets"]
-        infos.append(_TensorInfo(name=name, file=fname, dtype=_ST_TO_NP[meta["dtype"]],
-                                 shape=tuple(meta["shape"]), begin=data_start + begin,
-                                 end=data_start + end))
-    return infos
+    return [_tensor_info(path, name, meta, data_start, size)
+            for name, meta in header.items() if name != "__metadata__"]
+
+
+def _read_json(path: str, what: str) -> dict:
+    """A JSON object from `path`; any problem is an HFCheckpointError naming the file."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except json.JSONDecodeError as e:
+        raise HFCheckpointError(f"{path}: {what} is not valid JSON ({e.msg} at line "
+                                f"{e.lineno}, column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise HFCheckpointError(f"{path}: {what} is not UTF-8 text ({e})") from None
+    if not isinstance(value, dict):
+        raise HFCheckpointError(f"{path}: {what} holds a JSON {type(value).__name__}; "
+                                "expected an object")
+    return value
+
+
+def read_hf_config(path: str | os.PathLike) -> dict:
+    """The `config.json` dict of a Hugging Face folder.
+
+    Raises:
+      HFCheckpointError: no config.json, or one that is not a JSON object (naming its
+        path, and line and column of a syntax error).
+    """
+    config_path = os.path.join(os.fspath(path), CONFIG_FILE)
+    if not os.path.exists(config_path):
+        raise HFCheckpointError(
+            f"no {CONFIG_FILE} in {os.fspath(path)}; expected a Hugging Face model folder")
+    return _read_json(config_path, CONFIG_FILE)
+
+
+def hf_model_config(path: str | os.PathLike, **overrides: Any) -> ModelConfig:
+    """The `ModelConfig` of a Hugging Face folder's `config.json` (fields overridden by
+    `overrides`); errors name the file.
+
+    Raises:
+      HFCheckpointError: config.json is missing or not a JSON object.
+      UnsupportedModelError: it describes a model jaxpost cannot represent, or lacks a
+        required field, or holds a value of the wrong type.
+    """
+    config_path = os.path.join(os.fspath(path), CONFIG_FILE)
+    hf_config = read_hf_config(path)
+    try:
+        return ModelConfig.from_hf_config(hf_config, **overrides)
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{config_path}: {e}") from None
+    except KeyError as e:
+        raise UnsupportedModelError(
+            f"{config_path}: required field {e.args[0]!r} is missing") from None
+    except (TypeError, ValueError) as e:
+        raise UnsupportedModelError(f"{config_path}: {e}") from None
 
 
 def _weight_files(path: str) -> list[str]:
     """The safetensors files of a folder: the index's, else `model.safetensors`."""
     index = os.path.join(path, INDEX_FILE)
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = _read_json(index, INDEX_FILE).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) for v in weight_map.values()):
+            raise HFCheckpointError(f"{index}: expected a 'weight_map' object of tensor name "
+                                    "-> file name")
         files = sorted(set(weight_map.values()))
         for name in files:
             if not os.path.exists(os.path.join(path, name)):
@@ -361,23 +436,21 @@ def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32, *, mesh: Mesh | N
       `init_params(cfg, rng)`.
 
     Raises:
-      UnsupportedModelError: config.json describes an architecture jaxpost cannot run.
-      HFCheckpointError: a tensor is missing, unexpected or of the wrong shape (the
-        message names it), or the folder has no safetensors weights.
+      UnsupportedModelError: config.json describes an architecture jaxpost cannot run, or
+        lacks a required field (the message names the file).
+      HFCheckpointError: config.json is missing or not valid JSON (naming its path); a
+        tensor is missing, unexpected, of the wrong shape, or cut off by a truncated file
+        (the message names the tensor and the file); or the folder has no safetensors
+        weights.
     """
     path = os.fspath(path)
-    config_path = os.path.join(path, CONFIG_FILE)
-    if not os.path.exists(config_path):
-        raise HFCheckpointError(f"no {CONFIG_FILE} in {path}; expected a Hugging Face model folder")
-    with open(config_path) as f:
-        hf_config = json.load(f)
     dtype_name = jnp.dtype(dtype).name
     if config_overrides.get("param_dtype", dtype_name) != dtype_name:
         raise ValueError(
             f"from_hf: dtype={dtype_name!r} conflicts with param_dtype="
             f"{config_overrides['param_dtype']!r}; pass only dtype")
     config_overrides["param_dtype"] = dtype_name
-    cfg = ModelConfig.from_hf_config(hf_config, **config_overrides)
+    cfg = hf_model_config(path, **config_overrides)
     np_dtype = np.dtype(jnp.dtype(dtype_name))
 
     entries = _entries(cfg)

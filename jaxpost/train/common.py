@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from typing import Any, Callable, ClassVar
 
 import jax
@@ -17,6 +16,7 @@ from jaxpost.data import synthetic
 from jaxpost.eval.generation import generation_accuracy
 from jaxpost.models import ModelConfig, from_hf, init_params, param_shapes, preset
 from jaxpost.models.config import PRESETS
+from jaxpost.models.hf import hf_model_config
 from jaxpost.optim import OptimizerConfig, make_optimizer, make_schedule
 from jaxpost.peft import lora as L
 from jaxpost.peft import partition
@@ -25,6 +25,7 @@ from jaxpost.sampling import Sampler, SamplingConfig
 from jaxpost.train.loop import LoopConfig, run
 
 log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
@@ -130,9 +131,7 @@ def model_config(section: ModelSection, vocab_size: int) -> ModelConfig:
     """The ModelConfig a section describes (HF folders: read from config.json)."""
     numerics = {k: getattr(section, k) for k in _NUMERICS}
     if section.hf_path:
-        import json
-        with open(os.path.join(section.hf_path, "config.json")) as f:
-            return ModelConfig.from_hf_config(json.load(f), **numerics)
+        return hf_model_config(section.hf_path, **numerics)
     if section.preset:
         return preset(section.preset, **numerics)
     fields = {f.name for f in dataclasses.fields(ModelConfig)}

@@ -368,3 +368,60 @@ def test_to_hf_rejects_params_of_another_config(tmp_path):
     params = _random_params(tiny("llama"))
     with pytest.raises(ValueError, match="q_proj/bias"):
         to_hf(tiny("qwen2"), params, tmp_path)
+
+
+def test_truncated_safetensors_file_names_the_file_and_the_first_cut_tensor(tmp_path):
+    _write_tiny(tmp_path)
+    file = tmp_path / "model.safetensors"
+    infos = sorted(hf_lib._read_header(str(file)), key=lambda i: i.end)
+    cut = infos[len(infos) // 2]  # cut the file inside this tensor's bytes
+    with open(file, "r+b") as f:
+        f.truncate(cut.begin + (cut.end - cut.begin) // 2)
+    with pytest.raises(HFCheckpointError, match="truncated") as err:
+        from_hf(tmp_path)
+    assert str(file) in str(err.value) and repr(cut.name) in str(err.value)
+    assert err.value.tensor == cut.name
+
+
+def test_safetensors_header_whose_offsets_disagree_with_the_shape_names_the_tensor(tmp_path):
+    _write_tiny(tmp_path)
+    file = tmp_path / "model.safetensors"
+    raw = file.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header["model.norm.weight"]["shape"] = [7]
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    assert len(text) == n
+    file.write_bytes(raw[:8] + text + raw[8 + n:])
+    with pytest.raises(HFCheckpointError, match=r"'model\.norm\.weight' in .*needs 28 bytes"):
+        from_hf(tmp_path)
+
+
+def test_invalid_config_json_names_its_path_and_position(tmp_path):
+    _write_tiny(tmp_path)
+    config = tmp_path / "config.json"
+    config.write_text(config.read_text()[:-10])  # cut off, as by an interrupted copy
+    with pytest.raises(HFCheckpointError, match=r"config\.json is not valid JSON .*line") as err:
+        from_hf(tmp_path)
+    assert str(config) in str(err.value)
+    config.write_text("[1, 2]")
+    with pytest.raises(HFCheckpointError, match=r"holds a JSON list; expected an object"):
+        from_hf(tmp_path)
+
+
+def test_config_json_without_a_required_field_names_the_path_and_the_field(tmp_path):
+    _write_tiny(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["hidden_size"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match=r"config\.json: required field "
+                                                    r"'hidden_size' is missing"):
+        from_hf(tmp_path)
+
+
+def test_invalid_shard_index_names_its_path(tmp_path):
+    _write_tiny(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": ')
+    with pytest.raises(HFCheckpointError, match=r"model\.safetensors\.index\.json: "
+                                                r"model\.safetensors\.index\.json is not valid"):
+        from_hf(tmp_path)
