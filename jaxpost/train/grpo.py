@@ -51,6 +51,7 @@ class PromptSection:
     num_records: int = 20000  # synthetic sources: how many records
     tokenizer: str = "byte"  # "byte", an HF tokenizer folder or a sentencepiece .model
     chat: bool = True  # render prompts through the tokenizer's chat template
+    skip_malformed: bool = False  # JSONL: skip and count malformed lines instead of failing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +168,8 @@ class GRPOTask:
             raise ValueError(f"grpo.prompts_per_step={g.prompts_per_step} is not divisible by "
                              f"the {procs} processes")
         source = data.open_source(pr.source, split=pr.split, data_dir=pr.data_dir or None,
-                                  schema="prompt", num_records=pr.num_records, seed=cfg.seed)
+                                  schema="prompt", skip_malformed=pr.skip_malformed,
+                                  num_records=pr.num_records, seed=cfg.seed)
         self.prompts = data.make_prompt_iterator(source, tokenizer,
                                                  batch_size=g.prompts_per_step // procs,
                                                  seed=cfg.seed, chat=pr.chat)

@@ -243,3 +243,22 @@ def test_rollouts_without_reward_spread_warn_every_n_batches(tmp_path, caplog):
     assert [len(w) for w in warnings] == [0, 1, 0, 1]
     assert "the last 2 rollout batches had no reward spread" in warnings[1][0]
     assert "constant_reward 1" in warnings[1][0] and "the last 4" in warnings[3][0]
+
+
+def test_prompts_skip_malformed_skips_bad_jsonl_lines_instead_of_failing(tmp_path):
+    from jaxpost.data import MalformedRecordError
+    from jaxpost.train.common import setup
+    from jaxpost.train.grpo import GRPOTask
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": \n'
+                       '{"prompt": "2+2=", "answer": "4"}\n')
+    cfg = _small_grpo(tmp_path)
+    cfg = dataclasses.replace(cfg, prompts=dataclasses.replace(cfg.prompts, source=str(prompts)),
+                              grpo=dataclasses.replace(cfg.grpo, beta=0.0))
+    tokenizer, mesh, model_cfg = setup(cfg.model, cfg.mesh, cfg.prompts.tokenizer)
+    with pytest.raises(MalformedRecordError, match=r"prompts\.jsonl:2"):
+        GRPOTask(cfg, model_cfg, tokenizer, mesh)
+    cfg = dataclasses.replace(cfg, prompts=dataclasses.replace(cfg.prompts, skip_malformed=True))
+    task = GRPOTask(cfg, model_cfg, tokenizer, mesh)
+    assert {r["answer"] for r in next(task.prompts)} == {"2", "4"}
