@@ -11,7 +11,7 @@ from typing import Any, Callable, ClassVar
 import jax
 
 from jaxpost import sharding as sh
-from jaxpost.checkpoint import latest_run_step, open_run, restore_params, run_metadata
+from jaxpost.checkpoint import latest_run_step, open_run, run_metadata
 from jaxpost.data import synthetic
 from jaxpost.eval.generation import generation_accuracy
 from jaxpost.models import ModelConfig, from_hf, init_params, param_shapes, preset
