@@ -66,6 +66,14 @@ def test_a_missing_recipe_file_is_one_line():
     assert "cannot load the recipe" in error_line(run_cli(config="no/such/recipe.py"))
 
 
+@pytest.mark.parametrize("error", ["KeyError('nope')", "ValueError('bad value')"])
+def test_a_recipe_that_raises_is_one_line_naming_the_file_and_error(tmp_path, error):
+    recipe = tmp_path / "broken.py"
+    recipe.write_text(f"def get_config():\n    raise {error}\n")
+    line = error_line(run_cli(config=str(recipe)))
+    assert str(recipe) in line and error.split("(")[0] in line, line
+
+
 @pytest.mark.parametrize("override, key", [
     ("--config.steps=0", "steps"),
     ("--config.grad_accum_steps=0", "grad_accum_steps"),

@@ -74,8 +74,9 @@ def _override_paths(argv: list[str]) -> list[str]:
 
 
 def _override_problem(argv: list[str]) -> str | None:
-    """Which override names no key of the recipe (the recipe is loaded again, once, to
-    look): ml_collections only says `AttributeError: "'lossz'"`."""
+    """Which override names no key of the recipe, or what the recipe itself raised (the
+    recipe is loaded again, once, to look): ml_collections only says
+    `AttributeError: "'lossz'"`."""
     path = _recipe_path(argv)
     if not path:
         return None
@@ -85,8 +86,8 @@ def _override_problem(argv: list[str]) -> str | None:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         cfg = module.get_config(*([arg] if arg else []))
-    except Exception:  # noqa: BLE001 - the original error is reported instead
-        return None
+    except Exception as e:  # noqa: BLE001 - reported, in one line
+        return f"--config={path}: the recipe raised {type(e).__name__}: {_last_line(e)}"
     for key in _override_paths(argv):
         problem = override_error(cfg, key)
         if problem:
