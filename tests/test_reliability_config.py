@@ -86,6 +86,23 @@ def test_zero_steps_accumulation_and_eval_prompts_are_rejected_naming_the_key(
     assert key in line and ">= 1, got 0" in line, line
 
 
+@pytest.mark.parametrize("config, key", [
+    ("configs/sft_demo.py", "data"), ("configs/rm_demo.py", "data"),
+    ("configs/grpo_demo.py", "prompts")])
+def test_a_malformed_data_line_names_the_config_key_that_skips_it(tmp_path, config, key):
+    path = tmp_path / "bad.jsonl"
+    good = {"sft": {"prompt": "1+1=", "completion": "2"},
+            "data": {"prompt": "q", "chosen": "a", "rejected": "b"},
+            "prompts": {"prompt": "1+1=", "answer": "2"}}
+    record = good["sft"] if config.endswith("sft_demo.py") else good[key]
+    path.write_text(json.dumps(record) + "\n{not json\n")
+    proc = run_cli(f"--config.workdir={tmp_path / 'run'}", f"--config.{key}.source={path}",
+                   "--config.init_sft_config=" if key == "prompts" else "--config.steps=1",
+                   config=config)
+    assert proc.returncode != 0
+    assert f"{path}:2" in proc.stderr and f"--config.{key}.skip_malformed=True" in proc.stderr
+
+
 # ------------------------------------------------------ item 2: resume checks the config
 def tiny_sft(workdir, *extra: str, steps: int = 2) -> subprocess.CompletedProcess:
     return run_cli(f"--config.workdir={workdir}", f"--config.steps={steps}", *TINY_SFT, *extra)

@@ -143,7 +143,8 @@ def encode_pair(tokenizer: Tokenizer, record: Mapping[str, Any], *,
 
 def open_preference_source(spec: str, *, split: str = "train", data_dir: str | None = None,
                            num_records: int = 20000, seed: int = 0,
-                           skip_malformed: bool = False) -> Any:
+                           skip_malformed: bool = False,
+                           skip_hint: str = "open the source with skip_malformed=True") -> Any:
     """A source of preference records; `"synthetic:addition[:D]"` gives
     `synthetic.addition_preference_records`, anything else goes to `open_source`."""
     if spec.startswith("synthetic:"):
@@ -151,7 +152,7 @@ def open_preference_source(spec: str, *, split: str = "train", data_dir: str | N
             num_records, seed=seed, split=split, max_digits=synthetic.parse_spec(spec))
         return InMemorySource(records, schema=None)
     return open_source(spec, split=split, data_dir=data_dir, schema=None,
-                       skip_malformed=skip_malformed)
+                       skip_malformed=skip_malformed, skip_hint=skip_hint)
 
 
 def check_preference_source(source: Any, name: str) -> None:

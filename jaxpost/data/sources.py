@@ -148,6 +148,8 @@ class JsonlSource:
             skipped and counted in `self.stats.num_malformed`, and a warning is logged.
         rename: optional field renames applied before checking, e.g.
             `{"question": "prompt", "answer": "completion"}`.
+        skip_hint: how the caller's user turns skipping on, quoted in the error (a
+            recipe passes its config key, e.g. "pass --config.data.skip_malformed=True").
     """
 
     def __init__(
@@ -157,6 +159,7 @@ class JsonlSource:
         schema: str | None = "sft",
         skip_malformed: bool = False,
         rename: Mapping[str, str] | None = None,
+        skip_hint: str = "open the source with skip_malformed=True",
     ):
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
@@ -180,8 +183,8 @@ class JsonlSource:
                         where = f"{path}:{line_no}: {problem}"
                         if not skip_malformed:
                             raise MalformedRecordError(
-                                f"{where} (fix the line, or open the source with "
-                                "skip_malformed=True to skip and count bad lines)")
+                                f"{where} (fix the line, or {skip_hint} to skip and count "
+                                "bad lines)")
                         self.stats.num_malformed += 1
                         if len(self.stats.examples) < 10:
                             self.stats.examples.append(where)
@@ -464,6 +467,7 @@ def open_source(
     rename: Mapping[str, str] | None = None,
     num_records: int = 20_000,
     seed: int = 0,
+    skip_hint: str = "open the source with skip_malformed=True",
 ) -> Any:
     """Opens a source from a config string.
 
@@ -482,6 +486,7 @@ def open_source(
         rename: field renames (file sources).
         num_records: synthetic only.
         seed: synthetic only.
+        skip_hint: JSONL only: how to turn skipping on, quoted in a malformed-line error.
 
     Returns:
         The source.
@@ -503,7 +508,8 @@ def open_source(
             raise FileNotFoundError(f"no file matches {part!r}")
         paths.extend(matches)
     if all(p.endswith((".jsonl", ".json")) for p in paths):
-        return JsonlSource(paths, schema=schema, skip_malformed=skip_malformed, rename=rename)
+        return JsonlSource(paths, schema=schema, skip_malformed=skip_malformed, rename=rename,
+                           skip_hint=skip_hint)
     if all(".array_record" in os.path.basename(p) for p in paths):
         return ArrayRecordSource(paths, schema=schema, rename=rename)
     raise ValueError(

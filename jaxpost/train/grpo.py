@@ -169,7 +169,8 @@ class GRPOTask:
                              f"the {procs} processes")
         source = data.open_source(pr.source, split=pr.split, data_dir=pr.data_dir or None,
                                   schema="prompt", skip_malformed=pr.skip_malformed,
-                                  num_records=pr.num_records, seed=cfg.seed)
+                                  num_records=pr.num_records, seed=cfg.seed,
+                                  skip_hint="pass --config.prompts.skip_malformed=True")
         self.prompts = data.make_prompt_iterator(source, tokenizer,
                                                  batch_size=g.prompts_per_step // procs,
                                                  seed=cfg.seed, chat=pr.chat)

@@ -157,7 +157,8 @@ class RewardModelTask:
                              f"{procs} processes")
         source = open_preference_source(d.source, split=d.split, data_dir=d.data_dir or None,
                                         num_records=d.num_records, seed=cfg.seed,
-                                        skip_malformed=d.skip_malformed)
+                                        skip_malformed=d.skip_malformed,
+                                        skip_hint="pass --config.data.skip_malformed=True")
         check_preference_source(source, d.source)
         indices = np.arange(len(source))
         heldout_source, heldout_idx = None, None

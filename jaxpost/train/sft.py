@@ -78,7 +78,8 @@ class SFTTask:
                              f"{procs} processes")
         source = data.open_source(d.source, split=d.split, data_dir=d.data_dir or None,
                                   skip_malformed=d.skip_malformed, num_records=d.num_records,
-                                  seed=cfg.seed)
+                                  seed=cfg.seed,
+                                  skip_hint="pass --config.data.skip_malformed=True")
         self.iterator = data.make_sft_iterator(
             source, tokenizer, seq_len=d.seq_len, batch_size=d.batch_size // procs,
             pack=d.pack, seed=cfg.seed, shuffle=d.shuffle, truncation=d.truncation)
