@@ -29,6 +29,7 @@ from jaxpost.data.packing import check_batch, pack_examples, pad_examples, unpac
 from jaxpost.data.pipeline import (
     SFTBatchIterator,
     SFTDataOptions,
+    TooManyDroppedError,
     make_sft_dataset,
     make_sft_iterator,
     record_dataset,
@@ -65,7 +66,7 @@ from jaxpost.data.sources import (
 __all__ = [
     "ArrayRecordSource", "ExampleStats", "InMemorySource", "JsonlSource",
     "MalformedRecordError", "MappedSource", "PreferenceBatches", "SFTBatchIterator",
-    "SFTDataOptions", "SFTExampleBuilder", "TfdsSource", "check_batch",
+    "SFTDataOptions", "SFTExampleBuilder", "TfdsSource", "TooManyDroppedError", "check_batch",
     "check_preference_source", "encode_pair", "make_prompt_iterator", "make_sft_dataset",
     "make_sft_iterator", "open_preference_source", "open_source", "pack_examples", "packing",
     "pad_examples", "pair_batch", "preference", "preference_problem", "prompts",

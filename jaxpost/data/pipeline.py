@@ -15,7 +15,11 @@ Stages (grain 0.2.18 dataset API):
 3. Records -> examples (`SFTExampleBuilder`: template, mask, truncation), lazily, in
    `num_threads` reader threads, or in `worker_count` processes when > 0 (default 0).
 4. Outcomes are counted (`it.stats`; the counts are part of the iterator state), dropped
-   examples removed.
+   examples removed. Too many dropped examples in a row (`max_consecutive_dropped`, by
+   default enough to prove that a whole pass over this process's records was dropped,
+   at most 10,000) stop the stream
+   with `TooManyDroppedError` naming the reasons, instead of searching forever for an
+   example that fits (e.g. `truncation="drop"` with every example longer than `seq_len`).
 5. Packed first-fit into rows of `seq_len` (`pack=True`) or padded one per row, then
    batched `[batch_size, seq_len]` (a last partial batch is dropped).
 
@@ -33,7 +37,9 @@ import grain
 import numpy as np
 
 from jaxpost.data import packing
-from jaxpost.data.sft import STATUSES, TRUNCATION_POLICIES, ExampleStats, SFTExampleBuilder
+from jaxpost.data.sft import (
+    DROPPED_NO_TARGETS, DROPPED_TOO_LONG, STATUSES, TRUNCATION_POLICIES, ExampleStats,
+    SFTExampleBuilder)
 from jaxpost.tokenizer import Tokenizer
 
 STATE_FORMAT = "jaxpost.data.sft_iterator/1"
@@ -93,30 +99,47 @@ def record_dataset(
 # --------------------------------------------------------------------------- counting stage
 
 
-class _TallyIterDataset(grain.IterDataset):
-    """Counts example outcomes into `stats` and drops the dropped examples."""
+DEFAULT_MAX_CONSECUTIVE_DROPPED = 10_000
 
-    def __init__(self, parent, stats: ExampleStats):
+
+class TooManyDroppedError(ValueError):
+    """Every one of many consecutive examples was dropped: the stream cannot fill a batch."""
+
+
+class _TallyIterDataset(grain.IterDataset):
+    """Counts example outcomes into `stats`, drops the dropped examples, and stops after
+    `max_dropped` dropped examples in a row (`describe`: the options, for the error)."""
+
+    def __init__(self, parent, stats: ExampleStats, max_dropped: int, describe: str = ""):
         super().__init__(parent)
         self._counts = stats
+        self._max_dropped = max_dropped
+        self._describe = describe
 
     def __iter__(self):
-        return _TallyIterator(self._parent.__iter__(), self._counts)
+        return _TallyIterator(self._parent.__iter__(), self._counts, self._max_dropped,
+                              self._describe)
 
 
 class _TallyIterator(grain.DatasetIterator):
     """The counts are part of the state, so a restored iterator reports the same counts."""
 
-    def __init__(self, parent, stats: ExampleStats):
+    def __init__(self, parent, stats: ExampleStats, max_dropped: int, describe: str):
         super().__init__(parent)
         self._counts = stats
+        self._max_dropped = max_dropped
+        self._describe = describe
 
     def __next__(self):
+        run: dict[str, int] = {}  # why the examples of the current run were dropped
         while True:
             ex = next(self._parent)
             self._counts.add(ex["status"])
             if len(ex["tokens"]):
                 return {"tokens": ex["tokens"], "loss_mask": ex["loss_mask"]}
+            run[ex["status"]] = run.get(ex["status"], 0) + 1
+            if sum(run.values()) >= self._max_dropped:
+                raise TooManyDroppedError(_dropped_message(run, self._describe))
 
     def get_state(self) -> dict[str, Any]:
         return {"parent": self._parent.get_state(), "counts": self._counts.to_dict()}
@@ -124,6 +147,20 @@ class _TallyIterator(grain.DatasetIterator):
     def set_state(self, state: Mapping[str, Any]) -> None:
         self._parent.set_state(state["parent"])
         self._counts.load(state["counts"])
+
+
+def _dropped_message(run: Mapping[str, int], describe: str) -> str:
+    total = sum(run.values())
+    parts = []
+    if run.get(DROPPED_TOO_LONG):
+        parts.append(f"{run[DROPPED_TOO_LONG]} longer than the row length with "
+                     "truncation='drop' (raise data.seq_len, or use "
+                     "data.truncation='truncate_right' / 'truncate_left')")
+    if run.get(DROPPED_NO_TARGETS):
+        parts.append(f"{run[DROPPED_NO_TARGETS]} with no target token left (the prompt "
+                     "fills the row, or the records have no completion / assistant turn)")
+    return (f"{total} examples in a row were dropped, so no batch can be filled: "
+            + "; ".join(parts) + (f" [{describe}]" if describe else ""))
 
 
 # --------------------------------------------------------------------------- SFT pipeline
@@ -149,6 +186,7 @@ class SFTDataOptions:
     num_threads: int = 1  # reader threads tokenizing ahead (0: synchronous)
     prefetch_buffer_size: int = 64  # examples tokenized ahead by the reader threads
     worker_count: int = 0  # >0: tokenize in that many processes (grain mp_prefetch)
+    max_consecutive_dropped: int | None = None  # stop after this many dropped in a row (None: two passes over this process's records, at most 10,000)
 
     def __post_init__(self):
         if self.seq_len < 2 or self.batch_size < 1:
@@ -163,6 +201,9 @@ class SFTDataOptions:
             raise ValueError(f"num_epochs={self.num_epochs}; expected None (forever) or >= 1")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed={self.seed} must be in [0, 2**32)")
+        if self.max_consecutive_dropped is not None and self.max_consecutive_dropped < 1:
+            raise ValueError(f"max_consecutive_dropped={self.max_consecutive_dropped}; "
+                             "expected None or >= 1")
 
 
 def make_sft_dataset(source: Any, tokenizer: Tokenizer, options: SFTDataOptions,
@@ -195,7 +236,16 @@ def make_sft_dataset(source: Any, tokenizer: Tokenizer, options: SFTDataOptions,
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an
             flags.FLAGS.mark_as_parsed()  # absl app (tests, notebooks) use the defaults
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=o.worker_count))
-    ds = _TallyIterDataset(ds, stats if stats is not None else ExampleStats())
+    max_dropped = o.max_consecutive_dropped
+    if max_dropped is None:
+        _, count = _resolve_shard(o.shard_index, o.shard_count)
+        per_pass = -(-len(source) // count)  # this process's records per epoch
+        # Without a fully dropped pass, a run of drops spans at most the end of one pass
+        # and the start of the next (2 * per_pass - 2): one more proves every record drops.
+        max_dropped = min(2 * per_pass - 1, DEFAULT_MAX_CONSECUTIVE_DROPPED)
+    describe = f"seq_len={o.seq_len}, max_len={max_len}, truncation={o.truncation!r}"
+    ds = _TallyIterDataset(ds, stats if stats is not None else ExampleStats(), max_dropped,
+                           describe)
     if o.pack:
         rows = packing.pack_iter_dataset(ds, o.seq_len, num_bins=o.num_packing_bins or
                                          o.batch_size, pad_id=tokenizer.pad_id)
@@ -299,5 +349,5 @@ def make_sft_iterator(
     return SFTBatchIterator(source, tokenizer, opts)
 
 
-__all__ = ["SFTDataOptions", "SFTBatchIterator", "make_sft_dataset", "make_sft_iterator",
+__all__ = ["SFTDataOptions", "SFTBatchIterator", "TooManyDroppedError", "make_sft_dataset", "make_sft_iterator",
            "record_dataset", "default_shard", "STATUSES"]

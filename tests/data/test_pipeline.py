@@ -224,3 +224,50 @@ def test_bad_options_say_what_is_allowed():
         _it(truncation="middle")
     with pytest.raises(ValueError, match=r"max_len=40 must be in \[2, seq_len=32\]"):
         _it(max_len=40)
+
+
+def _alarm(seconds):
+    """Raises TimeoutError in the main thread after `seconds` (a spinning iterator would
+    otherwise hang the test forever)."""
+    import contextlib
+    import signal
+
+    @contextlib.contextmanager
+    def guard():
+        def fire(signum, frame):
+            raise TimeoutError(f"still iterating after {seconds} s")
+        old = signal.signal(signal.SIGALRM, fire)
+        signal.alarm(seconds)
+        try:
+            yield
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+    return guard()
+
+
+@pytest.mark.parametrize("pack,num_threads", [(True, 1), (False, 0)])
+def test_every_example_dropped_stops_with_an_error_naming_why_instead_of_spinning(pack,
+                                                                                  num_threads):
+    from jaxpost.data import TooManyDroppedError
+
+    too_long = InMemorySource([{"prompt": "p", "completion": "c" * (40 + i)} for i in range(25)])
+    it = _it(too_long, truncation="drop", pack=pack, num_threads=num_threads)
+    with _alarm(20), pytest.raises(TooManyDroppedError) as raised:
+        next(it)
+    message = str(raised.value)
+    assert "49 examples in a row were dropped" in message  # 2 passes over 25 records, less one
+    assert "truncation='drop'" in message and "data.seq_len" in message, message
+    no_targets = InMemorySource([{"prompt": "p" * 40, "completion": "c"}] * 10)
+    it = _it(no_targets, truncation="truncate_right", max_consecutive_dropped=7)
+    with _alarm(20), pytest.raises(TooManyDroppedError, match="7 examples .* no target token"):
+        next(it)
+
+
+def test_a_few_keepable_examples_among_many_dropped_still_make_batches():
+    # 1 in 10 fits: runs of drops reach 18 across epoch boundaries, but never 19.
+    recs = [{"prompt": "p", "completion": "c" * 40}] * 9 + [{"prompt": "p", "completion": "ok"}]
+    it = _it(InMemorySource(recs), truncation="drop", pack=False, batch_size=1)
+    with _alarm(60):
+        batches = _take(it, 200)
+    assert len(batches) == 200 and it.stats.kept == 200
