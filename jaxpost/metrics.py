@@ -9,8 +9,11 @@ Values: jax/numpy scalars become Python numbers (integer dtypes stay ints, bools
 become ints, everything else floats). Non-finite floats are written as the strings
 `"NaN"`, `"Infinity"` and `"-Infinity"`, so every line stays strict JSON and `float(v)`
 reads them back; TensorBoard gets the float itself. Only process 0 writes anything.
-On resume the file is appended to, never truncated (records of steps logged after the
-last checkpoint may then appear twice; readers should keep the last record per step).
+On resume the file is appended to. Opened with `keep_through_step=N` (the training loop
+passes the step it resumed from, or -1 for a fresh start), records of later steps are
+removed first: they were logged after the checkpoint the run resumes from, and the run
+writes those steps again, so each step appears once. A torn last line (a run killed
+mid-write) is repaired.
 """
 
 from __future__ import annotations
@@ -88,6 +91,32 @@ def _format_number(value: float) -> str:
     return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
 
 
+def _drop_records_after(path: str, last_step: int) -> int:
+    """Rewrites the jsonl file at `path` without the records of steps after `last_step`
+    (and without a torn, unparsable last line); returns how many lines were removed. The
+    rewrite is atomic (a temporary file renamed over the original)."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines(keepends=True)
+    kept = []
+    for i, line in enumerate(lines):
+        try:
+            step = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            if i == len(lines) - 1:
+                continue  # torn by a kill mid-write
+            kept.append(line)  # not ours to judge
+            continue
+        if not isinstance(step, int) or step <= last_step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    removed = len(lines) - len(kept)
+    if removed:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+    return removed
+
+
 class MetricsWriter:
     """Writes metrics of a training run to jsonl, TensorBoard and the console.
 
@@ -99,7 +128,8 @@ class MetricsWriter:
 
     def __init__(self, workdir: str | os.PathLike, *, total_steps: int,
                  tensorboard: bool = True, console: bool = True,
-                 process_index: int | None = None, stream: TextIO | None = None):
+                 process_index: int | None = None, stream: TextIO | None = None,
+                 keep_through_step: int | None = None):
         """Opens the writers (only on process 0; elsewhere every call is a no-op).
 
         Args:
@@ -109,6 +139,8 @@ class MetricsWriter:
             console: Also print one progress line per `write`.
             process_index: This process' index; default `jax.process_index()`.
             stream: Where the console line goes; default `sys.stdout` at write time.
+            keep_through_step: If given, first remove the records of `metrics.jsonl`
+                whose step is greater (and a torn last line); None keeps every line.
         """
         self._workdir = os.fspath(workdir)
         self._total = int(total_steps)
@@ -125,6 +157,8 @@ class MetricsWriter:
             return
         os.makedirs(self._workdir, exist_ok=True)
         path = os.path.join(self._workdir, METRICS_FILE)
+        if keep_through_step is not None and os.path.exists(path):
+            _drop_records_after(path, int(keep_through_step))
         torn = False  # a run killed mid-line leaves no trailing newline
         if os.path.exists(path) and os.path.getsize(path) > 0:
             with open(path, "rb") as f:

@@ -106,3 +106,25 @@ def test_write_after_close_raises(tmp_path):
     w.close()
     with pytest.raises(RuntimeError, match="closed"):
         w.write(1, {"loss": 1.0})
+
+
+def test_reopening_at_a_resumed_step_drops_the_later_records_so_each_step_appears_once(tmp_path):
+    path = os.path.join(tmp_path, "metrics.jsonl")
+    with MetricsWriter(tmp_path, total_steps=10, tensorboard=False, console=False) as w:
+        for step in (0, 1, 2, 3, 4):  # checkpoints at 2; steps 3 and 4 logged, then killed
+            w.write(step, {"loss": float(step)})
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"step": 5, "lo')  # torn by the kill
+    with MetricsWriter(tmp_path, total_steps=10, tensorboard=False, console=False,
+                       keep_through_step=2) as w:
+        for step in (3, 4, 5):  # the resumed run replays them
+            w.write(step, {"loss": 10.0 + step})
+    records = [json.loads(line) for line in open(path, encoding="utf-8")]
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 5]
+    assert [r["loss"] for r in records] == [0.0, 1.0, 2.0, 13.0, 14.0, 15.0]
+    # A fresh start (-1: no checkpoint) keeps nothing of a run that never saved one.
+    with MetricsWriter(tmp_path, total_steps=10, tensorboard=False, console=False,
+                       keep_through_step=-1) as w:
+        w.write(1, {"loss": 0.5})
+    assert [json.loads(line) for line in open(path, encoding="utf-8")] == [
+        {"step": 1, "loss": 0.5}]
