@@ -18,6 +18,13 @@ therefore leaves a tmp directory that `latest_step()` and `restore()` ignore. Su
 leftovers are not deleted automatically (an export running next to a live training job
 must never delete the job's in-flight save); remove them by hand if disk space matters.
 
+Unreadable checkpoints: a step directory that is complete on disk but does not restore
+(a truncated tensor file, a missing item) is skipped by `Checkpointer.restore_readable`,
+which falls back to the newest step that restores, naming the bad one. The training
+loop then moves the bad step aside (`set_aside`: renamed to `<step>.unreadable-<time>`,
+never deleted) so that it can save that step again; readers (`open_run`) never move
+anything.
+
 A training workdir keeps its checkpoints in `WORKDIR/checkpoints/`. Reading another
 run's checkpoint (export, `model.init_from`, a reward model used as a reward function)
 goes through `open_run`, `run_metadata` and `restore_params`, which never create folders
@@ -28,12 +35,18 @@ a saved train state of either layout (`params`, or `trainable` + `frozen`).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
 import signal
+import sys
+import tempfile
 import threading
+import time
+import warnings
 from collections.abc import Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
@@ -105,6 +118,102 @@ class PerProcessJsonRestore(ocp.args.CheckpointArgs):
 # --------------------------------------------------------------------------------------
 # Checkpointer
 # --------------------------------------------------------------------------------------
+
+
+class UnreadableCheckpointError(ValueError):
+    """A complete checkpoint step does not restore (the message names its directory)."""
+
+
+def error_summary(error: BaseException, limit: int = 400) -> str:
+    """One line for an error from orbax/tensorstore: the innermost cause's first line
+    (a tensorstore failure is wrapped in several less specific exceptions)."""
+    inner = error
+    seen = set()
+    while inner.__cause__ is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        inner = inner.__cause__
+    text = str(inner).strip() or type(inner).__name__
+    if isinstance(inner, KeyError) and len(text) > 1 and text[0] == text[-1] in "'\"":
+        text = text[1:-1]  # str(KeyError) quotes its message
+    line = " ".join(text.splitlines()[0].split()) if text else type(inner).__name__
+    line = f"{type(inner).__name__}: {line}"
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+_ABANDONED: set[str] = set()  # step directories whose restore failed in this process
+
+
+def _exception_text(error: BaseException | None) -> str:
+    parts, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        parts.append(str(error))
+        error = error.__cause__ or error.__context__
+    return "\n".join(parts)
+
+
+class _AbandonedReadsFilter(logging.Filter):
+    """Drops asyncio's "... exception was never retrieved" records about reads of a step
+    directory whose restore failed (they repeat the failure, at exit, at length)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "never retrieved" not in message:
+            return True
+        text = message + _exception_text(record.exc_info[1] if record.exc_info else None)
+        return not any(d in text for d in _ABANDONED)
+
+
+def _ignore_abandoned_orbax_reads(step_dir: Any) -> None:
+    """Silences the leftovers of a failed restore of `step_dir`: orbax abandons the step's
+    other reads, and each reports the failure again when it is garbage-collected (an
+    "Exception ignored in <coroutine ...>" traceback, or an asyncio "exception was never
+    retrieved" record), possibly at exit. Other errors still print."""
+    _ABANDONED.add(os.fspath(step_dir))
+    warnings.filterwarnings("ignore", category=RuntimeWarning,
+                            message="coroutine '_read_array_index_and_device_put' was never")
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _AbandonedReadsFilter) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_AbandonedReadsFilter())
+    previous = sys.unraisablehook
+    if getattr(previous, "jaxpost_filter", False):
+        return
+
+    def hook(unraisable):
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+            return
+        previous(unraisable)
+
+    hook.jaxpost_filter = True
+    sys.unraisablehook = hook
+
+
+@contextmanager
+def _stderr_held():
+    """Holds what is written to file descriptor 2 (Python, absl and C++ alike) and writes
+    it out at the end, unless the yielded `discard()` was called."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to hold
+        yield lambda: None
+        return
+    held = tempfile.TemporaryFile()
+    os.dup2(held.fileno(), 2)
+    keep = [True]
+    try:
+        yield lambda: keep.__setitem__(0, False)
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        if keep[0]:
+            held.seek(0)
+            data = held.read()
+            if data:
+                os.write(2, data)
+        held.close()
 
 
 def abstract_target(tree: Any) -> Any:
@@ -246,6 +355,72 @@ class Checkpointer:
         }))
         return restored[_STATE], restored[_DATA_STATE]
 
+    def restore_readable(self, target: Any = None, steps: Sequence[int] | None = None,
+                         ) -> tuple[int, Any, dict | None, list[tuple[int, str]]]:
+        """Restores the newest checkpoint that reads, trying `steps` newest first.
+
+        Args:
+            target: as in `restore`.
+            steps: the steps to try (default: every complete checkpoint).
+
+        Returns:
+            `(step, state, data_state, skipped)`, `skipped` listing `(step, error)` of
+            each newer step that failed to restore (a warning names each one).
+
+        Raises:
+            FileNotFoundError: there is no complete checkpoint.
+            UnreadableCheckpointError: none of them restores (naming each step's error).
+        """
+        steps = sorted(self.all_steps() if steps is None else steps, reverse=True)
+        if not steps:
+            raise FileNotFoundError(f"no complete checkpoint in {self._directory}")
+        skipped: list[tuple[int, str]] = []
+        for step in steps:
+            error = None
+            with _stderr_held() as discard:
+                try:
+                    state, data_state = self.restore(step, target=target)
+                except Exception as e:  # noqa: BLE001 - any failure to read makes it unusable
+                    error = e
+                    # orbax abandons the step's other reads: let them finish inside the
+                    # hold, and drop the hundreds of lines of tracebacks they print.
+                    _ignore_abandoned_orbax_reads(self._directory / str(step))
+                    gc.collect()
+                    time.sleep(0.5)
+                    gc.collect()
+                    discard()
+            if error is not None:
+                why = error_summary(error)
+                skipped.append((step, why))
+                logging.warning("checkpoint %s is unreadable (%s); trying an older step",
+                                self._directory / str(step), why)
+                continue
+            if skipped:
+                logging.warning("restored step %d from %s instead of the unreadable step(s) %s",
+                                step, self._directory, [s for s, _ in skipped])
+            return step, state, data_state, skipped
+        raise UnreadableCheckpointError(
+            f"no checkpoint in {self._directory} restores: " + "; ".join(
+                f"step {s}: {why}" for s, why in skipped))
+
+    def set_aside(self, step: int) -> str:
+        """Renames step directory `step` to `<step>.unreadable-<time>` (kept, not deleted),
+        so that the step is no longer a checkpoint and can be saved again.
+
+        Returns:
+            The new path. Only the primary process renames; all must call this.
+        """
+        src = self._directory / str(int(step))
+        dst = self._directory / f"{int(step)}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}"
+        if jax.process_index() == 0:
+            src.rename(dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"jaxpost_set_aside_{step}")
+        self._manager.reload()
+        return os.fspath(dst)
+
     def metadata(self, step: int | None = None) -> dict:
         """The `metadata` dict saved with `step` (default: the latest)."""
         step = self._resolve_step(step)
@@ -323,7 +498,14 @@ def params_from_state(state: Mapping[str, Any]) -> dict:
 
 
 class RunCheckpoint:
-    """One complete checkpoint of a training workdir, opened for reading (`open_run`)."""
+    """One complete checkpoint of a training workdir, opened for reading (`open_run`).
+
+    Opened without a step, it stands for the newest checkpoint that reads: the first
+    `state()` call (which `params()` and `restore_params()` make) falls back over
+    unreadable steps, newest first, warning about each and updating `step`; `skipped`
+    lists them. Read the state before the metadata to get the metadata of the step that
+    was read. A step asked for explicitly is read or fails (`UnreadableCheckpointError`).
+    """
 
     def __init__(self, workdir: str | os.PathLike, step: int | None = None):
         self.workdir = os.fspath(workdir)
@@ -332,29 +514,58 @@ class RunCheckpoint:
             raise FileNotFoundError(f"workdir {self.workdir!r} has no {CHECKPOINTS}/ folder "
                                     f"({self.directory}); is it a jaxpost training workdir?")
         self._ckpt = Checkpointer(self.directory, async_save=False)
+        self._fallback = step is None
+        self.skipped: list[tuple[int, str]] = []  # (step, error) of unreadable newer steps
         try:
             self.step = self._ckpt._resolve_step(step)  # names the directory and the steps
         except BaseException:
             self._ckpt.close()
             raise
 
+    def all_steps(self) -> list[int]:
+        """Steps of all complete checkpoints of the run, ascending."""
+        return self._ckpt.all_steps()
+
     def metadata(self) -> dict:
         """The metadata dict the run stored with this step (config, model config, ...)."""
-        return self._ckpt.metadata(self.step)
+        try:
+            return self._ckpt.metadata(self.step)
+        except Exception as e:  # noqa: BLE001 - orbax raises KeyError/ValueError/OSError
+            raise UnreadableCheckpointError(
+                f"the metadata of checkpoint {self.directory / str(self.step)} is "
+                f"unreadable ({error_summary(e)})") from None
 
     def model_config(self) -> ModelConfig:
         """The `ModelConfig` the run stored in its metadata."""
         return model_config_from_metadata(self.metadata(), where=str(self.directory))
 
     def state(self) -> Any:
-        """The saved train state as nested dicts (arrays on their saved shardings)."""
-        state, _ = self._ckpt.restore(self.step)
+        """The saved train state as nested dicts (arrays on their saved shardings).
+
+        Raises:
+            UnreadableCheckpointError: the step (asked for explicitly) does not restore,
+                or, opened without a step, none does.
+        """
+        if not self._fallback:
+            try:
+                state, _ = self._ckpt.restore(self.step)
+            except Exception as e:  # noqa: BLE001
+                others = [s for s in self._ckpt.all_steps() if s != self.step]
+                raise UnreadableCheckpointError(
+                    f"checkpoint {self.directory / str(self.step)} is unreadable "
+                    f"({error_summary(e)}); other steps: {others}") from None
+            return state
+        steps = [s for s in self._ckpt.all_steps() if s <= self.step]
+        step, state, _, skipped = self._ckpt.restore_readable(steps=steps)
+        self.skipped += skipped
+        self.step, self._fallback = step, False  # later calls read this step
         return state
 
     def params(self) -> dict:
         """The full model params of this step (`params_from_state`)."""
+        state = self.state()
         try:
-            return params_from_state(self.state())
+            return params_from_state(state)
         except ValueError as e:
             raise ValueError(f"{self.directory} (step {self.step}): {e}") from None
 
@@ -443,19 +654,49 @@ def restore_params(workdir: str | os.PathLike, abstract_params: Any, shardings: 
 # --------------------------------------------------------------------------------------
 
 
+class Preempted(BaseException):
+    """Raised by `PreemptionGuard` inside an `interruptible()` block when a stop signal
+    arrives: a host-side wait (data, rollouts, reward functions, evaluation) is cut short.
+
+    A `BaseException` (like `KeyboardInterrupt`), so that code which wraps errors with
+    `except Exception` (reward-function error messages, data readers) lets it through.
+    """
+
+    def __init__(self, signum: int | None = None):
+        super().__init__(signum)
+        self.signum = signum  # the signal, or None for `request()`
+
+
 class PreemptionGuard:
     """Turns SIGTERM (and SIGINT) into a flag the training loop polls.
 
     Inside the `with` block the signal handlers only set `requested`; the loop checks
     `should_stop()` (e.g. every step), saves a checkpoint and exits with status 0. The
-    previous handlers are restored on exit. A second SIGINT while a stop is pending runs
-    the previous SIGINT handler (by default: KeyboardInterrupt), so Ctrl-C twice still
-    interrupts a stuck job.
+    previous handlers are restored on exit.
+
+    Host-side waits that may take long (the next batch, GRPO rollouts and reward
+    functions, evaluation) run inside `with guard.interruptible():`; there a signal
+    raises `Preempted` at once (in the main thread, wherever Python is: a spinning data
+    iterator, a `time.sleep`, a lock wait), and so does entering the block once a stop
+    is pending. The caller catches it and saves the state it had before the wait. With
+    several processes the first signal only sets the flag (a process leaving the lockstep
+    alone would hang the others in a collective).
+
+    A second signal while a stop is pending (outside `interruptible()`) runs the previous
+    handler: SIGINT by default raises KeyboardInterrupt, SIGTERM by default terminates
+    the process (without the pending save; the last complete checkpoint stays usable).
+    So pressing Ctrl-C twice, or sending SIGTERM twice, always stops a stuck job.
 
     Usage::
 
         with PreemptionGuard() as guard:
             for step in ...:
+                try:
+                    with guard.interruptible():
+                        batch = next(data)
+                except Preempted:
+                    ckpt.save(step, state, data_state=..., force=True)
+                    break
                 state, metrics = train_step(state, batch)
                 if guard.should_stop():
                     ckpt.save(step, state, data_state=..., force=True)
@@ -472,6 +713,8 @@ class PreemptionGuard:
         self._requested = False
         self.signal_received: int | None = None  # the first signal caught, if any
         self._previous: dict[int, Any] = {}
+        self._depth = 0  # nesting of interruptible() blocks
+        self._single: bool | None = None  # one process (known from __enter__ on)
 
     @property
     def requested(self) -> bool:
@@ -482,13 +725,41 @@ class PreemptionGuard:
         """Requests a stop as if a signal had arrived (e.g. from a wall-clock budget)."""
         self._requested = True
 
+    def _may_raise(self) -> bool:
+        if self._single is None:
+            self._single = jax.process_count() == 1
+        return self._single
+
+    @contextmanager
+    def interruptible(self):
+        """A block in which a stop signal raises `Preempted` (one process only)."""
+        if self._requested and self._may_raise():
+            raise Preempted(self.signal_received)
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+
     def _handle(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT and self._requested:
+        if self._depth > 0 and self._may_raise():
+            if self.signal_received is None:
+                self.signal_received = signum
+            self._requested = True
+            raise Preempted(signum)
+        if self._requested:  # a second signal: the user insists
             previous = self._previous.get(signum)
             if callable(previous):
                 previous(signum, frame)
                 return
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            if previous == signal.SIG_IGN:
+                return
+            logging.warning("second signal %d while stopping: terminating now", signum)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         if self.signal_received is None:
             self.signal_received = signum
         self._requested = True
@@ -510,6 +781,7 @@ class PreemptionGuard:
         return self._requested
 
     def __enter__(self) -> "PreemptionGuard":
+        self._may_raise()
         if threading.current_thread() is not threading.main_thread():
             logging.warning("PreemptionGuard entered outside the main thread: signal "
                             "handlers cannot be installed; only request() sets the flag")

@@ -112,17 +112,29 @@ def export_run(workdir: str, out: str, step: int | None = None,
         def fail(message: str) -> ExportError:
             return ExportError(f"{where}: {message}")
 
-        metadata = run.metadata()
+        warnings: list[str] = []
         try:
-            cfg = model_config_from_metadata(metadata, where=str(run.directory))
+            # The state first: opened without --step, it falls back over unreadable
+            # steps, and the metadata must then be the step that was read.
             state = run.state()
+            step = run.step
+            where = f"{os.fspath(workdir)} (step {step})"
+            metadata = run.metadata()
+            cfg = model_config_from_metadata(metadata, where=str(run.directory))
             params = params_from_state(state)
         except ValueError as e:
             raise fail(str(e)) from None
+        for bad, why in run.skipped:
+            _warn(f"skipped the unreadable checkpoint {run.directory / str(bad)} ({why}); "
+                  f"exporting step {step}", warnings)
         trainable = state.get("trainable") if "params" not in state else None
         params = jax.device_get(params)
         trainable = jax.device_get(trainable)
-    warnings: list[str] = []
+        nonfinite = _nonfinite_tensors(params)
+        if nonfinite:
+            others = [s for s in run.all_steps() if s != step]
+            raise fail(f"refusing to export non-finite parameters: {'; '.join(nonfinite)}; "
+                       f"export another step with --step (checkpoints: {others})")
     adapters = lora.has_adapters(params)
     plain_cfg = cfg.replace(lora_scale=0.0, lora_dropout=0.0)
 
@@ -154,6 +166,23 @@ def export_run(workdir: str, out: str, step: int | None = None,
         raise
     except ValueError as e:  # LoraError, HFCheckpointError, to_hf's structure errors
         raise fail(str(e)) from None
+
+
+def _nonfinite_tensors(params: Any, limit: int = 5) -> list[str]:
+    """`name: k of n values are NaN/inf` for (up to `limit`) floating tensors of `params`
+    that hold a non-finite value."""
+    out = []
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        x = np.asarray(x)
+        if x.dtype.kind != "f" and x.dtype.name != "bfloat16":
+            continue
+        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x.astype(np.float32))))
+        if bad:
+            name = jax.tree_util.keystr(path, simple=True, separator="/")
+            out.append(f"{name}: {bad} of {x.size} values are NaN/inf")
+    if len(out) > limit:
+        out = out[:limit] + [f"and {len(out) - limit} more tensors"]
+    return out
 
 
 # ------------------------------------------------------------------------------ PEFT

@@ -7,6 +7,7 @@ Weight decay skips norm scales and biases by parameter path: layers are stacked,
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 import jax
@@ -30,12 +31,26 @@ class OptimizerConfig:
     clip_grad_norm: float = 1.0  # global-norm clipping threshold; 0 disables it
 
     def __post_init__(self):
-        if self.lr < 0:
-            raise ValueError(f"optimizer.lr must be >= 0, got {self.lr}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"optimizer.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        # NaN fails every comparison below, so each check also rejects NaN (and inf
+        # where an upper bound or `finite` applies).
+        def check(key: str, ok: bool, want: str) -> None:
+            if not ok:
+                raise ValueError(f"optimizer.{key}={getattr(self, key)!r}: must be {want}")
+
+        check("lr", math.isfinite(self.lr) and self.lr >= 0,
+              "a finite number >= 0 (0 trains nothing)")
+        check("eps", math.isfinite(self.eps) and self.eps > 0,
+              "a finite number > 0 (AdamW divides by sqrt(v) + eps, and v is 0 for "
+              "parameters whose gradient is 0: eps=0 makes them NaN)")
+        check("b1", 0.0 <= self.b1 < 1.0, "in [0, 1)")
+        check("b2", 0.0 <= self.b2 < 1.0, "in [0, 1)")
+        check("weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+              "a finite number >= 0")
+        check("momentum", 0.0 <= self.momentum < 1.0, "in [0, 1) (0 = plain SGD)")
+        check("clip_grad_norm", math.isfinite(self.clip_grad_norm) and self.clip_grad_norm >= 0,
+              "a finite number >= 0 (0 disables clipping)")
+        check("warmup_steps", self.warmup_steps >= 0, ">= 0")
+        check("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0, "in [0, 1]")
 
 
 def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:

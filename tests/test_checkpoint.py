@@ -310,3 +310,182 @@ def test_opening_a_workdir_without_checkpoints_names_it_and_creates_nothing(tmp_
     with pytest.raises(ValueError, match="checkpoints.*no 'model' entry"):
         with open_run(tmp_path / "run") as run:
             run.model_config()
+
+
+# ------------------------------------------------------------ unreadable checkpoints
+def _truncate_largest_tensor_file(step_dir):
+    """Cuts the largest data file of a step's tensor store to 100 bytes (a torn write)."""
+    files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, "state"))
+             for f in fs if os.path.basename(d) == "d"]
+    largest = max(files, key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.truncate(100)
+
+
+def _noise(step, shape=(64, 64)):
+    """Incompressible values, so that the tensor file is large enough to cut."""
+    return np.random.default_rng(step).normal(size=shape).astype(np.float32)
+
+
+def _three_steps(directory):
+    with Checkpointer(directory, async_save=False) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, {"w": jnp.asarray(_noise(step))}, data_state={"at": step},
+                      metadata={"step": step})
+
+
+def test_restore_readable_skips_a_truncated_tensor_file_and_a_missing_item(tmp_path):
+    import shutil
+
+    _three_steps(tmp_path)
+    _truncate_largest_tensor_file(tmp_path / "3")
+    shutil.rmtree(tmp_path / "2" / "state")
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.all_steps() == [1, 2, 3]  # complete on disk, but not readable
+        step, state, data_state, skipped = ckpt.restore_readable()
+        assert step == 1 and data_state == {"at": 1}
+        np.testing.assert_array_equal(state["w"], _noise(1))
+        assert [s for s, _ in skipped] == [3, 2]
+        assert "OUT_OF_RANGE" in skipped[0][1] or "size 100" in skipped[0][1], skipped[0][1]
+        assert 'Item "state" was not found' in skipped[1][1], skipped[1][1]
+        assert all("\n" not in why for _, why in skipped)
+        # Set aside (renamed, not deleted), the steps can be written again.
+        moved = ckpt.set_aside(3)
+        assert os.path.basename(moved).startswith("3.unreadable-") and os.path.isdir(moved)
+        assert ckpt.all_steps() == [1, 2] and ckpt.latest_step() == 2
+        ckpt.set_aside(2)
+        assert ckpt.save(2, {"w": jnp.zeros((64, 64))}) and ckpt.save(3, {"w": jnp.ones(2)})
+        ckpt.wait()
+        assert ckpt.all_steps() == [1, 2, 3]
+
+
+def test_restore_readable_names_the_directory_and_every_error_when_none_reads(tmp_path):
+    from jaxpost.checkpoint import UnreadableCheckpointError
+
+    _three_steps(tmp_path)
+    for step in ("1", "2", "3"):
+        _truncate_largest_tensor_file(tmp_path / step)
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(UnreadableCheckpointError,
+                           match=rf"no checkpoint in {tmp_path} restores: step 3: .*step 2: .*step 1: "):
+            ckpt.restore_readable()
+        assert ckpt.all_steps() == [1, 2, 3]  # nothing moved
+
+
+def test_open_run_falls_back_to_the_newest_readable_step_but_not_past_an_explicit_one(tmp_path):
+    from jaxpost.checkpoint import UnreadableCheckpointError
+
+    _save_run(tmp_path, {"params": {"w": jnp.ones(4)}}, step=1, metadata={"step": 1})
+    with Checkpointer(tmp_path / "checkpoints", async_save=False) as ckpt:
+        ckpt.save(2, {"params": {"w": jnp.asarray(_noise(2))}}, data_state={},
+                  metadata={"step": 2})
+    _truncate_largest_tensor_file(tmp_path / "checkpoints" / "2")
+    with open_run(tmp_path) as run:
+        assert run.step == 2
+        np.testing.assert_array_equal(run.params()["w"], np.ones(4))
+        assert run.step == 1 and [s for s, _ in run.skipped] == [2]
+        assert run.metadata() == {"step": 1}  # the step that was read
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]  # a reader moves nothing
+    with pytest.raises(UnreadableCheckpointError,
+                       match=rf"checkpoint {tmp_path}/checkpoints/2 is unreadable \(.*\); "
+                             r"other steps: \[1\]"):
+        with open_run(tmp_path, step=2) as run:
+            run.params()
+
+
+_CRASH_BEFORE_COMMIT = r"""
+import os, sys
+import jax.numpy as jnp
+from orbax.checkpoint._src.path import atomicity
+from jaxpost.checkpoint import Checkpointer
+
+finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+async def crash_on_step_2(self, *args, **kwargs):
+    if os.path.basename(str(self.get())).startswith("2."):
+        os._exit(17)  # every tensor of step 2 is written; the rename that commits it is not
+    return await finalize(self, *args, **kwargs)
+
+atomicity.AtomicRenameTemporaryPath.finalize = crash_on_step_2
+ckpt = Checkpointer(sys.argv[1], async_save=sys.argv[2] == "async")
+ckpt.save(1, {"w": jnp.full((256,), 1.0)}, data_state={"at": 1}, metadata={"step": 1})
+ckpt.wait()
+ckpt.save(2, {"w": jnp.full((256,), 2.0)}, data_state={"at": 2}, metadata={"step": 2})
+ckpt.wait()
+print("not reached")
+"""
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_crash_between_tensor_write_and_commit_leaves_the_previous_step_usable(tmp_path, mode):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _CRASH_BEFORE_COMMIT, str(tmp_path), mode],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 17, proc.stdout + proc.stderr
+    (tmp,) = [p for p in os.listdir(tmp_path) if p.startswith("2.")]
+    written = [f for _, _, fs in os.walk(tmp_path / tmp / "state") for f in fs]
+    assert written, "the crash should come after the tensors were written"
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.all_steps() == [1] and ckpt.latest_step() == 1
+        state, data_state = ckpt.restore()
+        assert data_state == {"at": 1}
+        np.testing.assert_array_equal(state["w"], np.full((256,), 1.0))
+        assert ckpt.metadata() == {"step": 1}
+        # The leftover does not block writing step 2 again.
+        assert ckpt.save(2, {"w": jnp.full((256,), 2.0)}, data_state={"at": 2})
+        ckpt.wait()
+        restored, _ = ckpt.restore(2)
+    np.testing.assert_array_equal(restored["w"], np.full((256,), 2.0))
+
+
+# ----------------------------------------------------------- interruptible host waits
+def test_a_signal_inside_interruptible_raises_preempted_and_outside_only_sets_the_flag():
+    import time
+
+    from jaxpost.checkpoint import Preempted
+
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        with PreemptionGuard() as guard:
+            with guard.interruptible():
+                pass  # no signal: nothing happens
+            start = time.monotonic()
+            with pytest.raises(Preempted) as raised:
+                with guard.interruptible():
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    while time.monotonic() - start < 10:  # a host wait that never ends
+                        pass
+            assert raised.value.signum == signal.SIGTERM and time.monotonic() - start < 5
+            assert guard.requested and guard.should_stop()
+            with pytest.raises(Preempted):  # a stop is pending: the next wait is not started
+                with guard.interruptible():
+                    raise AssertionError("not reached")
+        guard = PreemptionGuard()
+        with guard:
+            os.kill(os.getpid(), signal.SIGTERM)  # outside: the flag only
+            assert guard.requested
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert signal.getsignal(signal.SIGTERM) is old
+
+
+def test_a_second_sigterm_terminates_the_process():
+    import subprocess
+    import sys
+
+    script = ("import os, signal, time\n"
+              "from jaxpost.checkpoint import PreemptionGuard\n"
+              "with PreemptionGuard() as guard:\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    assert guard.requested\n"
+              "    print('first', flush=True)\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    time.sleep(5)\n"
+              "    print('survived', flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.stdout.split() == ["first"], proc.stdout + proc.stderr
+    assert proc.returncode == -signal.SIGTERM

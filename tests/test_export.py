@@ -310,3 +310,40 @@ def test_a_trained_lora_run_exports_merged_and_as_peft(tmp_path):
     merged = _hf_logits(_causal_lm(tmp_path / "merged"), tokens)
     np.testing.assert_allclose(merged, ours, atol=1e-4, rtol=0)
     np.testing.assert_allclose(_hf_logits(model, tokens), ours, atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------ bad checkpoints
+def test_export_refuses_nonfinite_params_naming_the_tensor_and_writes_nothing(tmp_path):
+    cfg = tiny("llama")
+    params = _base_params(cfg)
+    workdir = _write_run(tmp_path / "run", params, {}, _metadata(cfg), step=2)
+    bad = jax.tree.map(np.array, params)
+    bad["lm_head"]["kernel"][0, :3] = [np.nan, np.inf, -np.inf]
+    _write_run(workdir, bad, {}, _metadata(cfg), step=3)
+    with pytest.raises(ExportError, match=r"run \(step 3\): refusing to export non-finite "
+                                          r"parameters: lm_head/kernel: 3 of \d+ values are "
+                                          r"NaN/inf; export another step with --step "
+                                          r"\(checkpoints: \[2\]\)"):
+        export(workdir, str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists()
+    assert export(workdir, str(tmp_path / "hf"), step=2) == 2
+
+
+def test_export_without_a_step_falls_back_over_an_unreadable_latest_one(tmp_path):
+    cfg = tiny("llama")
+    params = _base_params(cfg)
+    workdir = _write_run(tmp_path / "run", params, {}, _metadata(cfg), step=2)
+    _write_run(workdir, _base_params(cfg, seed=1), {}, _metadata(cfg), step=3)
+    files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "run" / "checkpoints" / "3")
+             for f in fs if os.path.basename(d) == "d"]
+    with open(max(files, key=os.path.getsize), "r+b") as f:
+        f.truncate(100)  # a torn tensor file
+    result = export_run(workdir, str(tmp_path / "hf"))
+    assert result.step == 2 and len(result.warnings) == 1
+    assert f"unreadable checkpoint {workdir}/checkpoints/3" in result.warnings[0]
+    _, loaded = from_hf(tmp_path / "hf")
+    chex.assert_trees_all_close(loaded, params, atol=0, rtol=0)
+    with pytest.raises(ExportError, match=rf"\(step 3\): checkpoint {workdir}/checkpoints/3 is "
+                                          r"unreadable \(ValueError: OUT_OF_RANGE.*other steps: \[2\]"):
+        export(workdir, str(tmp_path / "hf3"), step=3)
+    assert not (tmp_path / "hf3").exists()

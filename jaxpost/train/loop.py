@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from jaxpost import sharding as sh
-from jaxpost.checkpoint import Checkpointer, PreemptionGuard
+from jaxpost.checkpoint import Checkpointer, Preempted, PreemptionGuard
 from jaxpost.metrics import MetricsWriter
 from jaxpost.peft import partition
 from jaxpost.peft.freeze import Mask
@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss or gradient became NaN/inf; the update was not applied or saved."""
+    """The loss, the gradient or the updated params became NaN/inf; the update was not
+    applied or saved."""
 
 
 class Task(Protocol):
@@ -86,6 +87,17 @@ def run(cfg: LoopConfig, task: Task, *, init_params: Callable[[], Any], abstract
         trainable_mask: Mask | None = None) -> LoopResult:
     """Trains to `cfg.steps`, resuming from the latest checkpoint in `cfg.workdir`.
 
+    What it guarantees: a step whose loss, gradient or updated params are not finite
+    stops the run (`NonFiniteLossError`) before anything of it is applied or saved; a
+    due checkpoint is saved before the evaluation of that step, and an evaluation error
+    saves the step anyway before it propagates; SIGTERM/SIGINT during a host-side wait
+    (the next batch: data, GRPO rollouts and reward functions; evaluation) interrupts it
+    (one process) and saves the last completed step with the data position before the
+    lost batch, so the resumed run replays it; a latest checkpoint that does not restore
+    is skipped for the newest one that does (warning, and the bad step is renamed to
+    `<step>.unreadable-<time>` so that it can be written again); `metrics.jsonl` loses
+    the records of steps after the restored one, which this run writes again.
+
     Args:
       cfg: loop settings.
       task: the objective (loss, batches, eval).
@@ -121,14 +133,18 @@ def run(cfg: LoopConfig, task: Task, *, init_params: Callable[[], Any], abstract
         lambda t, f: TrainState.create(t, optimizer, cfg.seed, frozen=f), abstract_t, abstract_f)
     s_shardings = state_shardings(abstract, param_shardings, mesh)
 
-    latest = ckpt.latest_step()
-    if latest is not None:
+    if ckpt.all_steps():
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               abstract, s_shardings)
-        state, data_state = ckpt.restore(latest, target=target)
+        latest, state, data_state, skipped = ckpt.restore_readable(target)
+        for bad, why in skipped:  # an older step restores: the newer ones are broken
+            moved = ckpt.set_aside(bad)
+            log.warning("checkpoint %s is unreadable (%s): resuming from step %d instead; "
+                        "moved it to %s", ckpt.directory / str(bad), why, latest, moved)
         if data_state is not None:
             task.set_data_state(data_state)
         log.info("resumed from %s at step %d", ckpt.directory, latest)
+        resumed = True
     else:
         params = jax.device_put(init_params(), param_shardings)
         trainable, frozen = partition.split(params, trainable_mask)
@@ -137,23 +153,56 @@ def run(cfg: LoopConfig, task: Task, *, init_params: Callable[[], Any], abstract
             step=jax.device_put(np.zeros((), np.int32), s_shardings.step),
             trainable=trainable, frozen=frozen, opt_state=opt_state,
             rng=jax.device_put(jax.random.key_data(jax.random.key(cfg.seed)), s_shardings.rng))
+        resumed = False
     step = int(jax.device_get(state.step))
 
     train_fn = None
-    writer = MetricsWriter(cfg.workdir, total_steps=cfg.steps)
+    # Records of steps after the restored one belong to a lost continuation, which this
+    # run replays: each step is written once.
+    writer = MetricsWriter(cfg.workdir, total_steps=cfg.steps,
+                           keep_through_step=step if resumed else -1)
     last: dict[str, float] = {}
     evals: dict[str, float] = {}
     preempted = False
     start_evals: dict[str, float] = {}
     first_record = True
-    if cfg.eval_at_start and step == 0:
-        start_evals = {f"eval_{k}": v for k, v in task.evaluate(state.params, 0).items()}
-        writer.write(0, start_evals)
+
+    def save(at: int, data_state: dict, force: bool = False) -> bool:
+        return ckpt.save(at, state, data_state=data_state, metadata=metadata, force=force)
+
+    def log_record(at: int, metrics: dict) -> None:
+        nonlocal first_record
+        if first_record:  # the parameter split, once per process run
+            metrics.update(params_trainable=float(counts.trainable),
+                           params_frozen=float(counts.frozen))
+            first_record = False
+        writer.write(at, metrics)
+
     try:
         with PreemptionGuard() as guard:
-            while step < cfg.steps:
+            if cfg.eval_at_start and step == 0:
+                try:
+                    with guard.interruptible():
+                        start_evals = {f"eval_{k}": v
+                                       for k, v in task.evaluate(state.params, 0).items()}
+                    writer.write(0, start_evals)
+                except Preempted:
+                    log.warning("preemption signal during the evaluation at start: exiting "
+                                "before the first step (nothing to save)")
+                    preempted = True
+            while not preempted and step < cfg.steps:
                 t0 = time.perf_counter()
-                host_batch, host_metrics = task.next_batch(state)
+                before = task.data_state()  # what a save of `state` (step `step`) stores
+                try:
+                    with guard.interruptible():
+                        host_batch, host_metrics = task.next_batch(state)
+                except Preempted:
+                    log.warning("preemption signal while preparing the batch of step %d: "
+                                "saving step %d and exiting", step + 1, step)
+                    if step > 0:
+                        save(step, before, force=True)
+                    preempted = True
+                    break
                 batch = sh.shard_batch(host_batch, mesh, rules)
                 if train_fn is None:
                     train_fn = make_train_step(
@@ -165,11 +214,17 @@ def run(cfg: LoopConfig, task: Task, *, init_params: Callable[[], Any], abstract
                 state, metrics = train_fn(state, batch)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 metrics["time_train_s"] = time.perf_counter() - t_train
+                bad_params = metrics.pop("nonfinite_params", 0.0)
                 if metrics.pop("nonfinite"):
+                    what = (f"loss={metrics['loss']} and grad_norm={metrics['grad_norm']} are "
+                            "finite but the update makes trainable parameters NaN/inf (check "
+                            "optimizer.eps, optimizer.lr)" if bad_params else
+                            f"loss={metrics['loss']} grad_norm={metrics['grad_norm']} is not "
+                            "finite")
                     raise NonFiniteLossError(
-                        f"step {step + 1}: loss={metrics['loss']} grad_norm={metrics['grad_norm']} "
-                        "is not finite; the update was not applied and no checkpoint of it "
-                        f"was written (latest checkpoint: {ckpt.latest_step()})")
+                        f"step {step + 1}: {what}; the update was not applied and no "
+                        f"checkpoint of it was written (latest checkpoint in {ckpt.directory}: "
+                        f"{ckpt.latest_step()})")
                 step += 1
                 elapsed = time.perf_counter() - t0
                 tokens = int(np.sum(host_batch["segment_ids"] != 0)) * jax.process_count() \
@@ -179,22 +234,37 @@ def run(cfg: LoopConfig, task: Task, *, init_params: Callable[[], Any], abstract
                 if tokens:
                     metrics["tokens_per_s"] = tokens / elapsed
                 last = metrics
+
+                # Save before evaluating: an evaluation error never loses the step.
+                saved = _is_due(step, cfg.checkpoint_every, cfg.steps) and save(
+                    step, task.data_state())
                 evaluated = cfg.eval_every > 0 and _is_due(step, cfg.eval_every, cfg.steps)
                 if evaluated:
-                    evals = {f"eval_{k}": v for k, v in task.evaluate(state.params, step).items()}
+                    try:
+                        with guard.interruptible():
+                            evals = {f"eval_{k}": v
+                                     for k, v in task.evaluate(state.params, step).items()}
+                    except Preempted:
+                        log.warning("preemption signal during the evaluation of step %d: "
+                                    "saving it and exiting", step)
+                        log_record(step, metrics)
+                        if not saved:
+                            save(step, task.data_state(), force=True)
+                        preempted = True
+                        break
+                    except Exception:
+                        if not saved:
+                            save(step, task.data_state(), force=True)
+                        log_record(step, metrics)
+                        log.error("the evaluation at step %d failed; step %d is saved in %s",
+                                  step, step, ckpt.directory)
+                        raise
                     metrics.update(evals)
                 if evaluated or _is_due(step, cfg.log_every, cfg.steps):
-                    if first_record:  # the parameter split, once per process run
-                        metrics.update(params_trainable=float(counts.trainable),
-                                       params_frozen=float(counts.frozen))
-                        first_record = False
-                    writer.write(step, metrics)
-                if _is_due(step, cfg.checkpoint_every, cfg.steps):
-                    ckpt.save(step, state, data_state=task.data_state(), metadata=metadata)
+                    log_record(step, metrics)
                 if guard.should_stop():
                     log.warning("preemption signal received: saving step %d and exiting", step)
-                    ckpt.save(step, state, data_state=task.data_state(), metadata=metadata,
-                              force=True)
+                    save(step, task.data_state(), force=True)
                     preempted = True
                     break
     finally:

@@ -81,8 +81,11 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
     `update_masks` (from `jaxpost.peft.partition.update_masks`) zeroes the gradient of the
     frozen layers of partially frozen stacked leaves before the norm and clipping, and
     their final update after the optimizer (weight decay included), so those rows stay
-    bit-identical. A non-finite loss or gradient leaves the state unchanged and sets
-    `metrics["nonfinite"]` so the loop can stop with the step named.
+    bit-identical. A non-finite loss or gradient, or an update that would make any
+    trainable parameter non-finite (e.g. AdamW with `eps=0` dividing 0 by 0), leaves the
+    state unchanged and sets `metrics["nonfinite"]` (and `metrics["nonfinite_params"]`
+    for the latter) so the loop can stop with the step named: a NaN or inf never reaches
+    the params, hence never a checkpoint.
     """
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
     grads, loss_sum, count, aux = accumulate_gradients(
@@ -92,11 +95,15 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
     grads = apply_update_masks(grads, update_masks)
     loss = loss_sum / denom
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    finite_inputs = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     updates = apply_update_masks(updates, update_masks)
     trainable = optax.apply_updates(state.trainable, updates)
+    # One fused elementwise pass over the new params (no norm: squares could overflow in
+    # low precision and flag params that are finite).
+    finite_params = _all_finite(trainable)
+    finite = finite_inputs & finite_params
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     new_state = state.replace(
         step=state.step + finite.astype(jnp.int32),
@@ -104,12 +111,20 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
         opt_state=keep(opt_state, state.opt_state),
         rng=jax.random.key_data(rng))
     metrics = {"loss": loss, "grad_norm": grad_norm, "count": count,
-               "nonfinite": (~finite).astype(jnp.int32)}
+               "nonfinite": (~finite).astype(jnp.int32),
+               "nonfinite_params": (finite_inputs & ~finite_params).astype(jnp.int32)}
     if schedule is not None:
         metrics["lr"] = schedule(state.step)
     for name, (s, w) in aux.items():
         metrics[name] = s / jnp.maximum(w, 1e-9)
     return new_state, metrics
+
+
+def _all_finite(tree) -> jax.Array:
+    """Whether every element of every floating leaf of `tree` is finite (a bool scalar)."""
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+             if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
 
 
 def state_shardings(state_shapes: TrainState, param_shardings, mesh):

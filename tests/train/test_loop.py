@@ -160,3 +160,121 @@ def test_export_writes_the_checkpoint_params_as_an_hf_folder(tmp_path):
     _, saved = final_params(tmp_path / "run")
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(saved)):
         np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------- reliability (issue 8)
+def test_an_update_that_makes_params_nonfinite_is_not_applied_and_is_flagged():
+    """AdamW with eps=0: a parameter whose gradient is 0 gets 0/0 = NaN, although the loss
+    and the gradient are finite."""
+    import chex
+    import jax.numpy as jnp
+    import optax
+
+    from jaxpost.train.state import TrainState
+    from jaxpost.train.step import train_step
+
+    def loss_fn(params, batch, rng):  # w[1] does not enter the loss: its gradient is 0
+        return jnp.sum((params["w"][0] - batch["x"]) ** 2), jnp.asarray(1.0), {}
+
+    opt = optax.adam(1e-2, eps=0.0)
+    state = TrainState.create({"w": jnp.ones(2)}, opt, seed=0)
+    step = jax.jit(lambda s, b: train_step(s, b, loss_fn=loss_fn, optimizer=opt))
+    new, metrics = step(state, {"x": jnp.zeros(())})
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+    assert int(metrics["nonfinite"]) == 1 and int(metrics["nonfinite_params"]) == 1
+    chex.assert_trees_all_equal(jax.device_get(new.trainable), jax.device_get(state.trainable))
+    chex.assert_trees_all_equal(jax.device_get(new.opt_state), jax.device_get(state.opt_state))
+    assert int(new.step) == 0
+    healthy = optax.adam(1e-2)
+    state = TrainState.create({"w": jnp.ones(2)}, healthy, seed=0)
+    new, metrics = jax.jit(lambda s, b: train_step(s, b, loss_fn=loss_fn, optimizer=healthy))(
+        state, {"x": jnp.zeros(())})
+    assert int(metrics["nonfinite"]) == 0 and int(metrics["nonfinite_params"]) == 0
+    assert int(new.step) == 1
+
+
+@pytest.mark.parametrize("key,value", [
+    ("lr", float("nan")), ("lr", -1e-3), ("eps", 0.0), ("eps", float("nan")), ("b2", 1.0),
+    ("weight_decay", -0.1), ("clip_grad_norm", float("inf")), ("momentum", 1.0)])
+def test_optimizer_values_that_cannot_train_are_config_errors_naming_the_key(tmp_path, key,
+                                                                            value):
+    cfg = small_config(tmp_path)
+    cfg.optimizer[key] = value
+    with pytest.raises(ConfigError, match=rf"optimizer\.{key}="):
+        load_config(cfg)
+
+
+def test_an_evaluation_error_never_loses_the_step_it_follows(tmp_path, monkeypatch):
+    import jaxpost.train.sft as sft
+
+    def broken_evaluate(self, params, step):
+        raise RuntimeError(f"eval exploded at step {step}")
+
+    monkeypatch.setattr(sft.SFTTask, "evaluate", broken_evaluate)
+    cfg, _ = load_config(small_config(tmp_path, steps=4, eval_every=2, checkpoint_every=100))
+    with pytest.raises(RuntimeError, match="eval exploded at step 2"):
+        train(cfg)
+    step, _ = final_params(tmp_path)
+    assert step == 2  # saved although checkpoint_every=100
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2] and np.isfinite(records[-1]["loss"])
+
+
+def test_sigterm_interrupts_a_host_wait_and_the_resumed_run_equals_a_straight_one(
+        tmp_path, monkeypatch):
+    """A batch that never comes (a stuck data source, reward function or rollout):
+    SIGTERM cuts the wait, step 2 is saved with the data position before the lost batch,
+    and resuming replays that batch, so the run ends bitwise where a straight run does."""
+    import threading
+
+    import jaxpost.train.sft as sft
+
+    straight, _ = load_config(small_config(tmp_path / "straight", steps=4, checkpoint_every=100))
+    expected = jax.device_get(train(straight).state.params)
+
+    original_next = sft.SFTTask.next_batch
+    hung = threading.Event()
+
+    def next_batch(self, state):
+        if int(jax.device_get(state.step)) == 2 and not hung.is_set():
+            original_next(self, state)  # half of the work: the iterator moved on
+            hung.set()
+            start = time.monotonic()
+            while time.monotonic() - start < 20:  # a host-side wait that does not end
+                pass
+            raise AssertionError("SIGTERM did not interrupt the host-side wait")
+        return original_next(self, state)
+
+    monkeypatch.setattr(sft.SFTTask, "next_batch", next_batch)
+    threading.Thread(target=lambda: hung.wait(120) and os.kill(os.getpid(), signal.SIGTERM),
+                     daemon=True).start()
+    cfg, _ = load_config(small_config(tmp_path / "run", steps=4, checkpoint_every=100))
+    t0 = time.monotonic()
+    result = train(cfg)
+    assert result.preempted and time.monotonic() - t0 < 15
+    assert final_params(tmp_path / "run")[0] == 2
+    resumed = train(cfg)  # hung is set: the batches come now
+    assert not resumed.preempted and int(resumed.state.step) == 4
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(jax.device_get(resumed.state.params))):
+        np.testing.assert_array_equal(a, b)
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_resume_falls_back_over_an_unreadable_latest_checkpoint_and_sets_it_aside(tmp_path,
+                                                                                 caplog):
+    import shutil
+
+    cfg, _ = load_config(small_config(tmp_path, steps=3, checkpoint_every=1))
+    train(cfg)
+    shutil.rmtree(tmp_path / "checkpoints" / "3" / "state")  # a step folder without state
+    with caplog.at_level("WARNING"):
+        result = train(cfg)
+    assert int(result.state.step) == 3
+    assert f"{tmp_path}/checkpoints/3 is unreadable" in caplog.text
+    assert "resuming from step 2 instead" in caplog.text
+    names = os.listdir(tmp_path / "checkpoints")
+    assert sorted(n for n in names if n.isdigit()) == ["1", "2", "3"]
+    assert len([n for n in names if n.startswith("3.unreadable-")]) == 1
+    with open(tmp_path / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
