@@ -158,9 +158,11 @@ def test_grpo_with_kl_preempted_and_resumed_logs_the_same_loss_and_kl_as_a_strai
         return train(cfg)
 
     run(tmp_path / "straight", "tests.train.test_grpo:digit_fraction")
+    # SIGTERM inside the 3rd rollout's reward call interrupts that host wait: step 2 is
+    # saved and the resumed run replays the 3rd rollout from the same prompts and rng.
     first = run(tmp_path / "killed", "tests.train.test_grpo:preempt_on_call(call=3)")
-    assert first.preempted and int(first.state.step) == 3
-    run(tmp_path / "killed", "tests.train.test_grpo:digit_fraction")  # resumes at step 4
+    assert first.preempted and int(first.state.step) == 2
+    run(tmp_path / "killed", "tests.train.test_grpo:digit_fraction")  # resumes at step 3
     straight, resumed = ([json.loads(x) for x in open(tmp_path / d / "metrics.jsonl")]
                          for d in ("straight", "killed"))
     assert [x["step"] for x in resumed] == [1, 2, 3, 4, 5]
