@@ -263,6 +263,7 @@ def _cli(*args):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_exports_merged_and_fails_with_one_line_and_status_2(tmp_path):
     cfg = tiny("llama")
     workdir, trained = _lora_run(tmp_path, cfg)
@@ -280,6 +281,7 @@ def test_cli_exports_merged_and_fails_with_one_line_and_status_2(tmp_path):
 
 
 # ------------------------------------------------------------------- with the trainer
+@pytest.mark.slow
 def test_a_trained_lora_run_exports_merged_and_as_peft(tmp_path):
     """`python -m jaxpost.train` with LoRA (random init: the base is written beside)."""
     from jaxpost.checkpoint import open_run

@@ -125,6 +125,7 @@ def test_optimizer_values_that_cannot_train_are_one_line_config_errors(tmp_path,
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_an_update_to_nonfinite_params_stops_the_run_before_anything_is_saved(tmp_path):
     # lr 1e39 is a finite float but inf in float32: loss and gradient of step 1 are
     # finite, the update is not (today's main saved that checkpoint and exited 0).
@@ -136,6 +137,7 @@ def test_an_update_to_nonfinite_params_stops_the_run_before_anything_is_saved(tm
     assert steps_on_disk(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_export_refuses_a_nonfinite_checkpoint_and_step_picks_a_finite_one(tmp_path):
     from jaxpost.checkpoint import Checkpointer
 
@@ -258,6 +260,7 @@ def test_resume_skips_a_truncated_latest_checkpoint_and_ends_where_a_straight_ru
     assert logged_steps(workdir) == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_export_skips_a_latest_step_without_state_and_an_explicit_step_names_the_folder(
         tmp_path, straight):
     workdir = tmp_path / "run"

@@ -155,6 +155,7 @@ def test_resume_with_a_changed_identity_key_stops_naming_it(trained_sft, tmp_pat
     assert checkpoint_steps(workdir) == ["2"]
 
 
+@pytest.mark.slow
 def test_resume_may_change_lr_steps_and_numerics_and_keys_it_allows(trained_sft, tmp_path):
     workdir = copy_of(trained_sft, tmp_path)
     proc = tiny_sft(workdir, "--config.optimizer.lr=1e-3", "--config.model.remat_policy=full",

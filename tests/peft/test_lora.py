@@ -426,7 +426,9 @@ def test_peft_loads_the_adapter_with_jaxposts_logits(case, tmp_path):
     assert own_shapes == {k: v.shape for k, v in ours_tensors.items()}
 
 
-@pytest.mark.parametrize("unstack,on_mesh", [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("unstack,on_mesh", [
+    (True, False), pytest.param(False, False, marks=pytest.mark.slow),
+    pytest.param(True, True, marks=pytest.mark.slow)])
 def test_sampling_with_adapters_equals_sampling_from_the_merged_model(unstack, on_mesh):
     from jaxpost.sampling import Sampler, SamplingConfig
     from jaxpost.sharding import param_shardings

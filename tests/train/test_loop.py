@@ -220,6 +220,7 @@ def test_an_evaluation_error_never_loses_the_step_it_follows(tmp_path, monkeypat
     assert [r["step"] for r in records] == [1, 2] and np.isfinite(records[-1]["loss"])
 
 
+@pytest.mark.slow
 def test_sigterm_interrupts_a_host_wait_and_the_resumed_run_equals_a_straight_one(
         tmp_path, monkeypatch):
     """A batch that never comes (a stuck data source, reward function or rollout):
@@ -261,6 +262,7 @@ def test_sigterm_interrupts_a_host_wait_and_the_resumed_run_equals_a_straight_on
     assert steps == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_resume_falls_back_over_an_unreadable_latest_checkpoint_and_sets_it_aside(tmp_path,
                                                                                  caplog):
     import shutil

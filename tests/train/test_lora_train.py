@@ -8,6 +8,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxpost import sharding as sh
 from jaxpost.models import param_logical_axes, tiny
@@ -75,6 +76,7 @@ def _meshes():
             (jax.devices(), sh.MeshConfig(data=2, fsdp=2, tensor=2)))
 
 
+@pytest.mark.slow
 def test_lora_sft_step_trains_only_adapters_and_8_devices_equal_1():
     results = []
     for devices, mesh_cfg in _meshes():
@@ -94,6 +96,7 @@ def test_lora_sft_step_trains_only_adapters_and_8_devices_equal_1():
     assert np.abs(b).max() > 0  # B left zero: the adapters trained
 
 
+@pytest.mark.slow
 def test_lora_grpo_step_on_8_devices_equals_1_device():
     g = GRPOSection(num_generations=4, prompts_per_step=2, max_prompt_length=5,
                     max_completion_length=4, beta=0.04, loss_type="grpo")
@@ -160,6 +163,7 @@ def test_lora_dropout_only_in_the_training_forward():
     assert dataclasses.asdict(plan.model_cfg)["lora_dropout"] == 0.5
 
 
+@pytest.mark.slow
 def test_lora_sft_from_an_hf_folder_exports_a_peft_adapter_on_that_folder(tmp_path):
     from jaxpost.config import to_config_dict
     from jaxpost.export import export

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from jaxpost import sharding as sh
 from jaxpost.models import init_params, param_shapes, tiny
@@ -76,6 +77,7 @@ def test_frozen_whole_leaves_carry_no_optimizer_state():
     chex.assert_trees_all_equal_shapes(adam[0].mu, state.trainable)
 
 
+@pytest.mark.slow
 def test_grad_norm_counts_the_trainable_params_only():
     params, mask, state, masks = _setup(freeze=(r"embed_tokens", r"layers\.(0|2)\."))
     _, metrics = _run(state, masks, steps=1, accum=1)
@@ -111,6 +113,7 @@ def test_trainable_q_and_k_moves_only_q_and_k():
         assert moved == ("q_proj" in name or "k_proj" in name), name
 
 
+@pytest.mark.slow
 def test_frozen_step_on_8_devices_equals_1_device():
     results = []
     for devices, mesh_cfg in ((jax.devices()[:1], sh.MeshConfig()),
