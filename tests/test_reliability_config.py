@@ -15,16 +15,7 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# A model and batch small enough that a step takes milliseconds.
-TINY_MODEL = [
-    "--config.model.hidden_size=32", "--config.model.intermediate_size=64",
-    "--config.model.num_layers=1", "--config.model.num_heads=2",
-    "--config.model.num_kv_heads=1", "--config.model.head_dim=16",
-]
-TINY_SFT = [*TINY_MODEL, "--config.data.seq_len=32", "--config.data.batch_size=8",
-            "--config.data.num_records=200", "--config.log_every=1", "--config.eval_every=0"]
+from tests.cli_testing import ROOT, TINY_SFT
 
 
 def run_cli(*args: str, config: str = "configs/sft_demo.py", timeout: float = 300,

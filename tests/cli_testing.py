@@ -1,0 +1,14 @@
+"""Shared pieces of the tests that drive the command line as a user would (subprocess)."""
+
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A model and batch small enough that a step takes milliseconds.
+TINY_MODEL = [
+    "--config.model.hidden_size=32", "--config.model.intermediate_size=64",
+    "--config.model.num_layers=1", "--config.model.num_heads=2",
+    "--config.model.num_kv_heads=1", "--config.model.head_dim=16",
+]
+TINY_SFT = [*TINY_MODEL, "--config.data.seq_len=32", "--config.data.batch_size=8",
+            "--config.data.num_records=200", "--config.log_every=1", "--config.eval_every=0"]
