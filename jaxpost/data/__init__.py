@@ -24,7 +24,7 @@ Typical use:
     prompts = data.synthetic.addition_prompts(tok, 100)   # eval: prompt, prompt_ids, answer
 """
 
-from jaxpost.data import packing, preference, prompts, sft, sources, synthetic
+from jaxpost.data import facts, packing, preference, prompts, sft, sources, synthetic
 from jaxpost.data.packing import check_batch, pack_examples, pad_examples, unpack_batch
 from jaxpost.data.pipeline import (
     SFTBatchIterator,
@@ -67,7 +67,7 @@ __all__ = [
     "ArrayRecordSource", "ExampleStats", "InMemorySource", "JsonlSource",
     "MalformedRecordError", "MappedSource", "PreferenceBatches", "SFTBatchIterator",
     "SFTDataOptions", "SFTExampleBuilder", "TfdsSource", "TooManyDroppedError", "check_batch",
-    "check_preference_source", "encode_pair", "make_prompt_iterator", "make_sft_dataset",
+    "check_preference_source", "encode_pair", "facts", "make_prompt_iterator", "make_sft_dataset",
     "make_sft_iterator", "open_preference_source", "open_source", "pack_examples", "packing",
     "pad_examples", "pair_batch", "preference", "preference_problem", "prompts",
     "record_dataset", "render_prompt", "sft", "sources", "synthetic", "tokenize_chat",

@@ -478,7 +478,9 @@ def open_source(
             `"tfds:NAME"`: `TfdsSource` of `split` under `data_dir`;
             `"synthetic:addition"` (or `"synthetic:addition:D"`, operands of at most D
             digits, default 3): `num_records` addition chats of `split`
-            ("train" or "heldout") drawn with `seed`.
+            ("train" or "heldout") drawn with `seed`;
+            `"synthetic:facts[:N][+addition[:D]]"`: made-up fact recall, alone or mixed
+            50/50 with addition (`jaxpost.data.facts`).
         split: TFDS or synthetic split.
         data_dir: TFDS data folder.
         schema: record shape to check ("sft", "prompt" or None).
@@ -493,6 +495,10 @@ def open_source(
     """
     import glob
 
+    if spec.startswith("synthetic:facts"):
+        from jaxpost.data import facts
+
+        return facts.facts_source(spec, num_records, seed=seed, split=split)
     if spec.startswith("synthetic:"):
         from jaxpost.data import synthetic
 
@@ -514,4 +520,4 @@ def open_source(
         return ArrayRecordSource(paths, schema=schema, rename=rename)
     raise ValueError(
         f"cannot tell the format of {spec!r}: expected .jsonl files, .array_record files, "
-        "'tfds:NAME' or 'synthetic:addition'")
+        "'tfds:NAME', 'synthetic:addition' or 'synthetic:facts'")
