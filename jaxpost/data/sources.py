@@ -480,7 +480,8 @@ def open_source(
             digits, default 3): `num_records` addition chats of `split`
             ("train" or "heldout") drawn with `seed`;
             `"synthetic:facts[:N][+addition[:D]]"`: made-up fact recall, alone or mixed
-            50/50 with addition (`jaxpost.data.facts`).
+            50/50 with addition (`jaxpost.data.facts`);
+            `"synthetic:mention[:KEEP]"`: the mention task of `jaxpost.data.mention`.
         split: TFDS or synthetic split.
         data_dir: TFDS data folder.
         schema: record shape to check ("sft", "prompt" or None).
@@ -499,6 +500,11 @@ def open_source(
         from jaxpost.data import facts
 
         return facts.facts_source(spec, num_records, seed=seed, split=split)
+    if spec.startswith("synthetic:mention"):
+        from jaxpost.data import mention
+
+        return mention.mention_source(num_records, seed=seed, split=split,
+                                      keep=mention.parse_spec(spec))
     if spec.startswith("synthetic:"):
         from jaxpost.data import synthetic
 
