@@ -59,7 +59,7 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"  # PEFT's CONFIG_NAME
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # PEFT's SAFETENSORS_WEIGHTS_NAME
 _PEFT_PREFIX = "base_model.model."  # PeftModelForCausalLM -> LoraModel -> the HF model
 _RM_BACKBONE, _RM_HEAD = "model", "score"  # reward-model trees (jaxpost.rl.reward_model)
-_RM_OUTSIDE = ((_RM_HEAD,), ("gaze",))  # reward-model parts outside the transformer: never adapted
+_RM_GAZE = "gaze"  # a GazeReward model's projector (jaxpost.rl.gaze_reward): trains in full, invisible to LoRA targets
 #: Leaves that are not Linear kernels and cannot carry an adapter (biases are ignored:
 #: `q_proj` also finds `...q_proj.bias`, which belongs to the targeted Linear).
 _NOT_ADAPTABLE = ("embedding", "scale")
@@ -182,10 +182,11 @@ def lora_targets(params: Any, cfg: LoraConfig) -> Targets:
     """
     if not cfg.enabled:
         return {}
-    names = {p: n for p, n in leaf_hf_names(params).items() if p[-1] not in _ADAPTER_LEAVES}
-    kernels = {p: n for p, n in names.items() if p[-1] == "kernel" and p[:1] not in _RM_OUTSIDE}
+    names = {p: n for p, n in leaf_hf_names(params).items()
+             if p[-1] not in _ADAPTER_LEAVES and p[:1] != (_RM_GAZE,)}
+    kernels = {p: n for p, n in names.items() if p[-1] == "kernel" and p[:1] != (_RM_HEAD,)}
     fixed = {p: n for p, n in names.items()
-             if p[-1] in _NOT_ADAPTABLE or (p[:1] in _RM_OUTSIDE and p[-1] == "kernel")}
+             if p[-1] in _NOT_ADAPTABLE or (p[:1] == (_RM_HEAD,) and p[-1] == "kernel")}
     examples = [n[0] for n in kernels.values()][:8]
     patterns = [re.compile(t) for t in cfg.targets]
     for i, rx in enumerate(patterns):
@@ -193,8 +194,8 @@ def lora_targets(params: Any, cfg: LoraConfig) -> Targets:
         if bad:
             raise LoraError(
                 f"lora.targets[{i}]={rx.pattern!r} matches {bad[:3]}, which cannot carry a LoRA "
-                f"adapter (embeddings, norms, the reward head and its gaze projector are not "
-                f"Linear layers of the transformer); targets must match Linear weights only, e.g. {examples[:4]}")
+                f"adapter (embeddings, norms and the reward head are not Linear layers of the "
+                f"transformer); targets must match Linear weights only, e.g. {examples[:4]}")
         if not any(rx.search(n) for ns in kernels.values() for n in ns):
             raise LoraError(
                 f"lora.targets[{i}]={rx.pattern!r} matches no Linear weight; the regex is "

@@ -32,6 +32,7 @@ Mode "off" is the plain reward model (the ablation): no gaze params, features ig
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -124,14 +125,22 @@ def init_gaze(spec: GazeSpec, cfg: ModelConfig, rng: jax.Array) -> dict:
     N(0, initializer_range²) like the embedding table's rows); `{}` when off."""
     if not spec.enabled:
         return {}
-    k1, k2 = jax.random.split(rng)
-    projector = _projector(spec, cfg).init(k1, jnp.zeros((1, 1, spec.num_features)))["params"]
-    dtype = dtype_of(cfg.param_dtype)
-    out = {"projector": jax.tree.map(lambda x: x.astype(dtype), projector)}
-    if spec.mode == "concat":
-        out["separators"] = (cfg.initializer_range * jax.random.normal(
-            k2, (2, cfg.hidden_size), jnp.float32)).astype(dtype)
-    return out
+    return _jitted_init(spec, cfg)(rng)
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_init(spec: GazeSpec, cfg: ModelConfig):
+    """One jitted init per (spec, config): op-by-op Flax init is seconds on a CPU."""
+    def init(rng):
+        k1, k2 = jax.random.split(rng)
+        projector = _projector(spec, cfg).init(k1, jnp.zeros((1, 1, spec.num_features)))
+        dtype = dtype_of(cfg.param_dtype)
+        out = {"projector": jax.tree.map(lambda x: x.astype(dtype), projector["params"])}
+        if spec.mode == "concat":
+            out["separators"] = (cfg.initializer_range * jax.random.normal(
+                k2, (2, cfg.hidden_size), jnp.float32)).astype(dtype)
+        return out
+    return jax.jit(init)
 
 
 def gaze_shapes(spec: GazeSpec, cfg: ModelConfig) -> dict:
