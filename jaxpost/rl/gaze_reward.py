@@ -50,8 +50,8 @@ MODES = ("off", "add", "concat")
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, as in the paper's projector
 
 __all__ = ["GAZE", "GazeFeaturizer", "GazeProjector", "GazeSpec", "LAYER_NORM_EPS", "MODES",
-           "concat_layout", "featurizer_from_spec", "gaze_inputs", "gaze_logical_axes", "gaze_shapes", "init_gaze",
-           "project"]
+           "concat_layout", "featurizer_from_spec", "gaze_inputs", "gaze_logical_axes",
+           "gaze_shapes", "init_gaze", "load_gaze_predictor", "project"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,14 +277,13 @@ class GazeFeaturizer:
 
 def _words_to_tokens(predictor, tokenizer, text: str, features: tuple[str, ...]) -> dict:
     """A word-level predictor's values on the tokens of `text` (jaxpost.rl.gaze's remap)."""
-    from jaxpost.rl import gaze  # the predictors and the word -> token remap
+    from jaxpost.rl.gaze import text_token_features
 
-    remap = getattr(gaze, "token_features", None)
-    if remap is None:
-        raise NotImplementedError(
-            "jaxpost.rl.gaze has no word -> token remap (token_features) yet; use a "
-            "token-level predictor (token_features(tokenizer, text))")
-    return remap(predictor, tokenizer, text, features)
+    ids, per_token = text_token_features(predictor, tokenizer, text, features)
+    if list(ids) != list(tokenizer.encode(text)):  # the remap encodes with offsets
+        raise ValueError(f"{tokenizer!r}: encode_with_offsets({text[:40]!r}...) gives other ids "
+                         "than encode(); gaze features would not line up with the tokens")
+    return per_token
 
 
 def _check_token_features(per_token: Any, names: tuple[str, ...], n: int, text: str
@@ -299,13 +298,22 @@ def _check_token_features(per_token: Any, names: tuple[str, ...], n: int, text: 
     return out
 
 
-def featurizer_from_spec(tokenizer, predictor: str, features: Sequence[str],
-                         scale: float | Sequence[float] = 1.0) -> GazeFeaturizer:
-    """A `GazeFeaturizer` whose predictor is named by a spec:
-    `"package.module:Class()"`/`"package.module:factory(key=value)"` (called) or
-    `"package.module:object"` (used as is), e.g.
-    `"jaxpost.rl.gaze:PsycholinguisticPredictor()"`."""
+def load_gaze_predictor(spec: str):
+    """A gaze predictor by name: `"psycholinguistic"` or `"regressor:WORKDIR"`
+    (`jaxpost.rl.gaze.load_predictor`), or a spec `"package.module:Class(key=value)"` /
+    `"package.module:object"` of any object with `predict_words` or `token_features`."""
+    from jaxpost.rl.gaze import load_predictor
     from jaxpost.rl.rewards import resolve_object
 
-    _, obj, _ = resolve_object(predictor, "gaze predictor")
-    return GazeFeaturizer(tokenizer, obj, features, scale)
+    if spec == "psycholinguistic" or spec.startswith("regressor:"):
+        return load_predictor(spec)
+    if ":" not in spec:
+        raise ValueError(f"gaze.predictor={spec!r}: expected 'psycholinguistic', "
+                         "'regressor:WORKDIR' or 'package.module:factory(key=value)'")
+    return resolve_object(spec, "gaze predictor")[1]
+
+
+def featurizer_from_spec(tokenizer, predictor: str, features: Sequence[str],
+                         scale: float | Sequence[float] = 1.0) -> GazeFeaturizer:
+    """A `GazeFeaturizer` whose predictor is named by a spec (`load_gaze_predictor`)."""
+    return GazeFeaturizer(tokenizer, load_gaze_predictor(predictor), features, scale)

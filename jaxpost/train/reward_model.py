@@ -97,9 +97,9 @@ class GazeSection:
     """GazeReward: predicted eye-tracking features in the reward model (Lopez-Cardona et al., ICLR 2025)."""
 
     mode: Literal["off", "add", "concat"] = "off"  # "add": projected features added to the token embeddings (GazeAdd); "concat": placed before the text between <eye/> and </eye> (GazeConcat); "off": plain reward model (the ablation)
-    predictor: str = "jaxpost.rl.gaze:PsycholinguisticPredictor()"  # spec of the gaze predictor: an object with predict_words(words) (remapped to tokens) or token_features(tokenizer, text)
+    predictor: str = "psycholinguistic"  # "psycholinguistic", "regressor:WORKDIR" (a gaze_predictor run), or "package.module:factory(key=value)" of an object with predict_words(words) (remapped to tokens) or token_features(tokenizer, text)
     features: tuple[str, ...] = ("TRT",)  # predicted features used, in order (k = how many): among nFix, FFD, GPT, TRT, fixProp
-    scale: tuple[float, ...] = (1.0,)  # divisor per feature (one value: all), so the projector sees O(1) inputs (e.g. 100 for milliseconds)
+    scale: tuple[float, ...] = (100.0,)  # divisor per feature (one value: all) so the projector sees O(1) inputs: reading times are in ms
     width: int = 128  # the projector's inner width (k -> width -> hidden)
     dropout: tuple[float, float] = (0.1, 0.3)  # projector dropout (after ReLU, after the second Linear): the paper's fp_dropout
 
