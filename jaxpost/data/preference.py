@@ -11,11 +11,17 @@ text a reward model scores when it rates GRPO completions
 Batches (numpy, this process's rows): `chosen_tokens`, `chosen_segment_ids`,
 `rejected_tokens`, `rejected_segment_ids`, all int32 `[pairs, seq_len]`, right-padded
 (`pair_batch`); `PreferenceBatches` streams them with a resumable state.
+
+Gaze features (GazeReward, `jaxpost.rl.gaze_reward`): given a `featurize(text) ->
+float [len(tokenizer.encode(text)), k]` (a `GazeFeaturizer`), each side also gets
+per-token features aligned with its ids (`encode_sequence_features`; BOS/EOS rows 0),
+padded and truncated like the tokens (`pad_features`), as `chosen_gaze` /
+`rejected_gaze` float32 `[pairs, seq_len, k]`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,6 +31,7 @@ from jaxpost.data.sources import InMemorySource, MalformedRecordError, open_sour
 from jaxpost.tokenizer import Tokenizer
 
 TRUNCATIONS = ("truncate_left", "truncate_right")  # what `pad_sequences` accepts
+Featurize = Callable[[str], np.ndarray]  # text -> float [len(tokenizer.encode(text)), k]
 
 
 # --------------------------------------------------------------------------------- text
@@ -37,12 +44,51 @@ def encode_sequence(tokenizer: Tokenizer, prompt: str, completion: str, *,
     does not already end with it.
     """
     ids = tokenizer.encode(prompt + completion)
+    front, back = _framing(tokenizer, ids, add_eos)
+    return front + ids + back
+
+
+def _framing(tokenizer: Tokenizer, ids: list[int], add_eos: bool) -> tuple[list[int], list[int]]:
+    """The BOS / EOS ids `encode_sequence` puts around the text's ids."""
     bos, eos = tokenizer.bos_id, tokenizer.eos_id
-    if tokenizer.add_bos and bos is not None and (not ids or ids[0] != bos):
-        ids = [bos] + ids
-    if add_eos and eos is not None and (not ids or ids[-1] != eos):
-        ids = ids + [eos]
-    return ids
+    front = [bos] if tokenizer.add_bos and bos is not None and (not ids or ids[0] != bos) else []
+    full = front + ids
+    back = [eos] if add_eos and eos is not None and (not full or full[-1] != eos) else []
+    return front, back
+
+
+def encode_sequence_features(tokenizer: Tokenizer, prompt: str, completion: str,
+                             featurize: Featurize, *, add_eos: bool = True
+                             ) -> tuple[list[int], np.ndarray]:
+    """`(encode_sequence(...), float32 [len(ids), k])`: the ids and per-token features of
+    `prompt + completion` (rows of an added BOS / EOS are 0)."""
+    text = prompt + completion
+    ids = tokenizer.encode(text)
+    feats = np.asarray(featurize(text), np.float32)
+    if feats.ndim != 2 or len(feats) != len(ids):
+        raise ValueError(f"featurize({text[:40]!r}...) returned shape {feats.shape}; "
+                         f"expected ({len(ids)} tokens, k)")
+    front, back = _framing(tokenizer, ids, add_eos)
+    k = feats.shape[1]
+    feats = np.concatenate([np.zeros((len(front), k), np.float32), feats,
+                            np.zeros((len(back), k), np.float32)])
+    return front + ids + back, feats
+
+
+def pad_features(features: Sequence[np.ndarray], seq_len: int, num_features: int,
+                 truncation: str = "truncate_left") -> np.ndarray:
+    """Per-sequence features [n_i, k] -> float32 [N, seq_len, k], laid out as
+    `pad_sequences` lays out the tokens (0 on padding; a longer sequence keeps its last
+    or first `seq_len` rows)."""
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"truncation={truncation!r}; expected one of {TRUNCATIONS}")
+    out = np.zeros((len(features), seq_len, num_features), np.float32)
+    for i, f in enumerate(features):
+        f = np.asarray(f, np.float32).reshape(-1, num_features)
+        if len(f) > seq_len:
+            f = f[-seq_len:] if truncation == "truncate_left" else f[:seq_len]
+        out[i, :len(f)] = f
+    return out
 
 
 def pad_sequences(seqs: Sequence[Sequence[int]], seq_len: int, pad_id: int,
@@ -141,6 +187,15 @@ def encode_pair(tokenizer: Tokenizer, record: Mapping[str, Any], *,
                  for f in ("chosen", "rejected"))
 
 
+def encode_pair_features(tokenizer: Tokenizer, record: Mapping[str, Any], featurize: Featurize,
+                         *, chat: bool = True) -> tuple[tuple[list[int], np.ndarray], ...]:
+    """`((chosen ids, chosen features), (rejected ids, rejected features))` of a valid
+    record: `encode_pair`'s ids with their per-token features [len(ids), k]."""
+    return tuple(encode_sequence_features(tokenizer, *_side_texts(tokenizer, record, f, chat),
+                                          featurize)
+                 for f in ("chosen", "rejected"))
+
+
 def open_preference_source(spec: str, *, split: str = "train", data_dir: str | None = None,
                            num_records: int = 20000, seed: int = 0,
                            skip_malformed: bool = False,
@@ -172,7 +227,8 @@ class PreferenceBatches:
 
     This process reads every `process_count`-th index; each epoch visits them in a
     permutation seeded by `(seed, epoch)`. The state is `{epoch, position}` plus the
-    truncated / dropped counts.
+    truncated / dropped counts. With `featurize` (a gaze model) the batches also hold
+    `chosen_gaze` / `rejected_gaze` (see the module docstring).
     """
 
     STATE_FORMAT = "jaxpost.reward_model.preference_batches/1"
@@ -180,14 +236,15 @@ class PreferenceBatches:
     def __init__(self, source: Any, indices: Sequence[int], tokenizer: Tokenizer, *,
                  batch_size: int, seq_len: int, truncation: str = "truncate_left",
                  chat: bool = True, seed: int = 0, shuffle: bool = True,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1,
+                 featurize: Featurize | None = None):
         self.indices = np.asarray(indices, np.int64)[process_index::process_count]
         if not len(self.indices):
             raise ValueError("no preference records left for training (after hold-out, on "
                              f"process {process_index} of {process_count})")
         self.source, self.tokenizer = source, tokenizer
         self.batch_size, self.seq_len, self.truncation = batch_size, seq_len, truncation
-        self.chat, self.seed, self.shuffle = chat, seed, shuffle
+        self.chat, self.seed, self.shuffle, self.featurize = chat, seed, shuffle, featurize
         self.epoch = self.position = self.truncated = self.dropped = 0
         self._order = self._epoch_order(0)
 
@@ -201,7 +258,7 @@ class PreferenceBatches:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        chosen, rejected = [], []
+        chosen, rejected, chosen_gaze, rejected_gaze = [], [], [], []
         skipped = 0
         while len(chosen) < self.batch_size:
             if self.position >= len(self._order):
@@ -209,7 +266,11 @@ class PreferenceBatches:
                 self._order = self._epoch_order(self.epoch)
             index = int(self._order[self.position])
             self.position += 1
-            c, r = encode_pair(self.tokenizer, self.source[index], chat=self.chat)
+            if self.featurize is None:
+                c, r = encode_pair(self.tokenizer, self.source[index], chat=self.chat)
+            else:
+                (c, cg), (r, rg) = encode_pair_features(self.tokenizer, self.source[index],
+                                                        self.featurize, chat=self.chat)
             if max(len(c), len(r)) > self.seq_len:
                 if self.truncation == "drop":
                     self.dropped += 1
@@ -221,7 +282,11 @@ class PreferenceBatches:
                 self.truncated += 1
             chosen.append(c)
             rejected.append(r)
-        return pair_batch(chosen, rejected, self.seq_len, self.tokenizer.pad_id, self.truncation)
+            if self.featurize is not None:
+                chosen_gaze.append(cg)
+                rejected_gaze.append(rg)
+        return pair_batch(chosen, rejected, self.seq_len, self.tokenizer.pad_id, self.truncation,
+                          chosen_gaze=chosen_gaze or None, rejected_gaze=rejected_gaze or None)
 
     def get_state(self) -> dict[str, Any]:
         return {"format": self.STATE_FORMAT, "epoch": self.epoch, "position": self.position,
@@ -236,15 +301,32 @@ class PreferenceBatches:
 
 
 def pair_batch(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]], seq_len: int,
-               pad_id: int, truncation: str = "truncate_left") -> dict[str, np.ndarray]:
-    """The batch dict of paired id lists (right-padded to `seq_len`)."""
+               pad_id: int, truncation: str = "truncate_left", *,
+               chosen_gaze: Sequence[np.ndarray] | None = None,
+               rejected_gaze: Sequence[np.ndarray] | None = None,
+               num_features: int | None = None) -> dict[str, np.ndarray]:
+    """The batch dict of paired id lists (right-padded to `seq_len`), plus
+    `chosen_gaze` / `rejected_gaze` when per-token features are given (`num_features`:
+    k, default the first feature array's; needed when every feature list is empty)."""
     mode = "truncate_right" if truncation == "truncate_right" else "truncate_left"
     ct, cs, _ = pad_sequences(chosen, seq_len, pad_id, mode)
     rt, rs, _ = pad_sequences(rejected, seq_len, pad_id, mode)
-    return {"chosen_tokens": ct, "chosen_segment_ids": cs,
-            "rejected_tokens": rt, "rejected_segment_ids": rs}
+    batch = {"chosen_tokens": ct, "chosen_segment_ids": cs,
+             "rejected_tokens": rt, "rejected_segment_ids": rs}
+    if chosen_gaze is not None or rejected_gaze is not None:
+        if chosen_gaze is None or rejected_gaze is None:
+            raise ValueError("pair_batch: give gaze features for both chosen and rejected")
+        if len(chosen_gaze) != len(chosen) or len(rejected_gaze) != len(rejected):
+            raise ValueError(f"pair_batch: {len(chosen_gaze)}/{len(rejected_gaze)} gaze "
+                             f"feature arrays for {len(chosen)}/{len(rejected)} sequences")
+        if num_features is None:
+            num_features = int(np.shape(chosen_gaze[0])[-1])
+        batch["chosen_gaze"] = pad_features(chosen_gaze, seq_len, num_features, mode)
+        batch["rejected_gaze"] = pad_features(rejected_gaze, seq_len, num_features, mode)
+    return batch
 
 
-__all__ = ["PreferenceBatches", "TRUNCATIONS", "check_preference_source", "encode_pair",
-           "encode_sequence", "open_preference_source", "pad_sequences", "pair_batch",
+__all__ = ["Featurize", "PreferenceBatches", "TRUNCATIONS", "check_preference_source",
+           "encode_pair", "encode_pair_features", "encode_sequence", "encode_sequence_features",
+           "open_preference_source", "pad_features", "pad_sequences", "pair_batch",
            "preference_problem"]

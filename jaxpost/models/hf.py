@@ -77,8 +77,9 @@ class HFCheckpointError(ValueError):
 #: Params leaf -> HF name suffix; LoRA adapters use PEFT's names (`lora_A` is [r, in]).
 _HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias",
             "lora_a": "lora_A.weight", "lora_b": "lora_B.weight"}
-#: Top-level params keys of a reward model (see `jaxpost.rl.reward_model`).
-_RM_BACKBONE, _RM_HEAD = "model", "score"
+#: Top-level params keys of a reward model (see `jaxpost.rl.reward_model`) and of its
+#: GazeReward part (`jaxpost.rl.gaze_reward`).
+_RM_BACKBONE, _RM_HEAD, _RM_GAZE = "model", "score", "gaze"
 
 
 def is_stacked(path: Sequence[str]) -> bool:
@@ -96,12 +97,16 @@ def hf_name(path: Sequence[str], layer: int | None = None) -> str:
     `("layers", "mlp", "down_proj", "kernel"), 12 -> "model.layers.12.mlp.down_proj.weight"`,
     `("lm_head", "kernel") -> "lm_head.weight"`; a reward model's backbone
     (`("model", ...)`) maps like a plain model and its head to `score.weight`/`score.bias`
-    (HF's sequence-classification names); LoRA leaves `lora_a`/`lora_b` map to PEFT's
+    (HF's sequence-classification names), its gaze part to `gaze.projector.fc1.weight`,
+    `gaze.separators`, ...; LoRA leaves `lora_a`/`lora_b` map to PEFT's
     `...q_proj.lora_A.weight` / `lora_B.weight`.
     """
     path = tuple(str(k) for k in path)
     if path[:1] == (_RM_HEAD,):
         return f"score.{_HF_LEAF.get(path[-1], path[-1])}"
+    if path[:1] == (_RM_GAZE,):
+        *modules, leaf = path
+        return ".".join(modules + ([_HF_LEAF[leaf]] if leaf in _HF_LEAF else [leaf]))
     if path[:1] == (_RM_BACKBONE,):
         path = path[1:]
     *modules, leaf = path

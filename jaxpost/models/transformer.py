@@ -54,6 +54,29 @@ class DecoderLayer(nn.Module):
         return (x, cache), None
 
 
+def token_embedding(cfg: ModelConfig, num_embeddings: int | None = None,
+                    name: str | None = None) -> nn.Embed:
+    """The token-embedding module of `Transformer` (`embed_tokens`), defined once.
+
+    `num_embeddings` (default `cfg.vocab_size`) lets a caller look ids up in a table
+    grown by extra rows (a reward model's `<eye/>`/`</eye>` separators) with the same
+    lookup and casts.
+    """
+    return nn.Embed(
+        cfg.vocab_size if num_embeddings is None else num_embeddings, cfg.hidden_size,
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")),
+        dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype), name=name)
+
+
+def embed_tokens(cfg: ModelConfig, embedding: jax.Array, tokens: jax.Array) -> jax.Array:
+    """`Transformer`'s input embeddings of `tokens` [B, T] from the table `embedding`
+    [N, hidden] (`params["embed_tokens"]["embedding"]`, or that table with rows
+    appended): [B, T, hidden] in `cfg.dtype`, for `Transformer(..., inputs_embeds=)`."""
+    module = token_embedding(cfg, embedding.shape[0])
+    return module.apply({"params": {"embedding": embedding}}, tokens)
+
+
 def layer_name(i: int) -> str:
     """The params key of layer `i` in the "per_layer" layout."""
     return f"layers_{i}"
@@ -87,6 +110,12 @@ class Transformer(nn.Module):
         full-vocabulary head over every prompt position is the most expensive matmul of
         the call. With left-padded rows (as the sampler writes them) the last position is
         every row's last real token.
+      inputs_embeds: [B, T, hidden] input embeddings to run the layers on instead of
+        `embed_tokens(tokens)` (Hugging Face's `inputs_embeds`), for inputs that are not
+        (only) vocabulary rows: a reward model's gaze vectors added to or placed among
+        the token embeddings (`jaxpost.rl.gaze_reward`). `tokens` still gives the shape;
+        cast to `cfg.dtype`. None (the default) embeds `tokens`; passing
+        `embed_tokens(cfg, params["embed_tokens"]["embedding"], tokens)` is the same call.
     """
 
     cfg: ModelConfig
@@ -94,7 +123,8 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
-                 *, return_hidden: bool = False, last_only: bool = False):
+                 *, return_hidden: bool = False, last_only: bool = False,
+                 inputs_embeds: jax.Array | None = None):
         cfg = self.cfg
         check_layer_layout(self.layer_params, "Transformer")
         if cache is not None and cache.layer_params != self.layer_params:
@@ -121,13 +151,15 @@ class Transformer(nn.Module):
             mask = make_cache_mask(key_mask, index, t)
         cos, sin = rope_tables(cfg, positions)
 
-        embed = nn.Embed(
-            cfg.vocab_size, cfg.hidden_size,
-            embedding_init=nn.with_logical_partitioning(
-                nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")),
-            dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
-            name="embed_tokens")
-        x = constrain(embed(tokens), _ACT)
+        embed = token_embedding(cfg, name="embed_tokens")
+        if inputs_embeds is None:
+            x = embed(tokens)
+        else:
+            if inputs_embeds.shape != (b, t, cfg.hidden_size):
+                raise ValueError(f"inputs_embeds has shape {inputs_embeds.shape}; expected "
+                                 f"(batch, length, hidden_size) = {(b, t, cfg.hidden_size)}")
+            x = inputs_embeds.astype(dtype_of(cfg.dtype))
+        x = constrain(x, _ACT)
 
         per_layer = self.layer_params == "per_layer"
         layer_cls = DecoderLayer

@@ -59,6 +59,7 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"  # PEFT's CONFIG_NAME
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # PEFT's SAFETENSORS_WEIGHTS_NAME
 _PEFT_PREFIX = "base_model.model."  # PeftModelForCausalLM -> LoraModel -> the HF model
 _RM_BACKBONE, _RM_HEAD = "model", "score"  # reward-model trees (jaxpost.rl.reward_model)
+_RM_GAZE = "gaze"  # a GazeReward model's projector (jaxpost.rl.gaze_reward): trains in full, invisible to LoRA targets
 #: Leaves that are not Linear kernels and cannot carry an adapter (biases are ignored:
 #: `q_proj` also finds `...q_proj.bias`, which belongs to the targeted Linear).
 _NOT_ADAPTABLE = ("embedding", "scale")
@@ -181,7 +182,8 @@ def lora_targets(params: Any, cfg: LoraConfig) -> Targets:
     """
     if not cfg.enabled:
         return {}
-    names = {p: n for p, n in leaf_hf_names(params).items() if p[-1] not in _ADAPTER_LEAVES}
+    names = {p: n for p, n in leaf_hf_names(params).items()
+             if p[-1] not in _ADAPTER_LEAVES and p[:1] != (_RM_GAZE,)}
     kernels = {p: n for p, n in names.items() if p[-1] == "kernel" and p[:1] != (_RM_HEAD,)}
     fixed = {p: n for p, n in names.items()
              if p[-1] in _NOT_ADAPTABLE or (p[:1] == (_RM_HEAD,) and p[-1] == "kernel")}

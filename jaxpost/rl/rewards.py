@@ -43,7 +43,7 @@ import numpy as np
 
 RewardFn = Callable[..., Sequence[Union[float, None]]]
 
-__all__ = ["RewardFn", "RewardSpecError", "RewardFunctionError", "resolve_reward",
+__all__ = ["RewardFn", "RewardSpecError", "RewardFunctionError", "resolve_object", "resolve_reward",
            "RewardSet", "reward_metrics", "require_some_reward", "extract_answer",
            "exact_answer", "format_reward", "soft_overlong_penalty"]
 
@@ -95,40 +95,55 @@ def resolve_reward(spec: Union[str, RewardFn]) -> tuple[str, RewardFn]:
     if not isinstance(spec, str):
         raise RewardSpecError(f"reward spec {spec!r} is a {type(spec).__name__}; expected a "
                               f"string {_SPEC_FORMAT}, or a callable")
+    name, obj, called = resolve_object(spec, "reward")
+    if called and not callable(obj):
+        raise RewardSpecError(f"reward spec {spec!r}: factory {name} returned a "
+                              f"{type(obj).__name__}; it must return the reward function")
+    if not called and not callable(obj):
+        raise RewardSpecError(f"reward spec {spec!r}: {spec} is a {type(obj).__name__}, not "
+                              "a callable reward function (a factory needs parentheses: "
+                              "'module:factory(key=value)')")
+    return name, obj
+
+
+def resolve_object(spec: str, what: str = "reward") -> tuple[str, Any, bool]:
+    """The object a `"package.module:attr"` or `"package.module:factory(key=value)"` spec
+    names: `(short name, object, whether a factory was called)`. The one spec parser of
+    reward functions and of other pluggable objects (gaze predictors).
+
+    Raises:
+        RewardSpecError: naming the spec (as a `what` spec), on a malformed spec, a module
+            that fails to import, a missing attribute, non-literal or positional factory
+            arguments, a factory that is not callable or that raises.
+    """
     m = _SPEC.match(spec)
     if m is None:
-        raise RewardSpecError(f"reward spec {spec!r} is malformed; expected {_SPEC_FORMAT}")
+        raise RewardSpecError(f"{what} spec {spec!r} is malformed; expected {_SPEC_FORMAT}")
     module_name, attr = m.group("module"), m.group("attr")
     kwargs = _parse_kwargs(spec, m.group("args")) if m.group("call") else None
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # ImportError, or whatever the module raises at import
-        raise RewardSpecError(f"reward spec {spec!r}: importing module {module_name!r} failed "
+        raise RewardSpecError(f"{what} spec {spec!r}: importing module {module_name!r} failed "
                               f"with {type(e).__name__}: {e}") from e
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise RewardSpecError(f"reward spec {spec!r}: module {module_name!r} has no "
+            raise RewardSpecError(f"{what} spec {spec!r}: module {module_name!r} has no "
                                   f"attribute {attr!r}")
         obj = getattr(obj, part)
     name = attr.split(".")[-1]
-    if kwargs is not None:
-        if not callable(obj):
-            raise RewardSpecError(f"reward spec {spec!r}: factory {module_name}:{attr} is a "
-                                  f"{type(obj).__name__}, not callable")
-        try:
-            obj = obj(**kwargs)
-        except Exception as e:
-            raise RewardSpecError(f"reward spec {spec!r}: calling factory {attr}(**{kwargs!r}) "
-                                  f"raised {type(e).__name__}: {e}") from e
-        if not callable(obj):
-            raise RewardSpecError(f"reward spec {spec!r}: factory {attr} returned a "
-                                  f"{type(obj).__name__}; it must return the reward function")
-    elif not callable(obj):
-        raise RewardSpecError(f"reward spec {spec!r}: {module_name}:{attr} is a "
-                              f"{type(obj).__name__}, not a callable reward function (a "
-                              "factory needs parentheses: 'module:factory(key=value)')")
-    return name, obj
+    if kwargs is None:
+        return name, obj, False
+    if not callable(obj):
+        raise RewardSpecError(f"{what} spec {spec!r}: factory {module_name}:{attr} is a "
+                              f"{type(obj).__name__}, not callable")
+    try:
+        obj = obj(**kwargs)
+    except Exception as e:
+        raise RewardSpecError(f"{what} spec {spec!r}: calling factory {attr}(**{kwargs!r}) "
+                              f"raised {type(e).__name__}: {e}") from e
+    return name, obj, True
 
 
 def _parse_kwargs(spec: str, args: str) -> dict[str, Any]:

@@ -144,3 +144,60 @@ def test_truncation_is_counted_and_drop_skips_pairs():
     assert it.dropped > 0 and it.truncated == 0
     with pytest.raises(ValueError, match="every preference pair is longer"):
         next(_batches(seq_len=5, truncation="drop"))
+
+
+# ---------------------------------------------------------------------- gaze features
+def test_sequence_features_line_up_with_the_ids_bos_and_eos_rows_zero():
+    from jaxpost.data.preference import encode_sequence_features
+    from tests.gaze_testing import FakeTokenGaze, fake_trt
+    from jaxpost.rl.gaze_reward import GazeFeaturizer
+    featurize = GazeFeaturizer(TOK, FakeTokenGaze(), ("TRT", "FFD"))
+    for prompt, completion, eos in (("<bos><|user|>q<|assistant|>", "ab", True),
+                                    ("plain ", "text", False)):
+        ids, f = encode_sequence_features(TOK, prompt, completion, featurize, add_eos=eos)
+        assert ids == encode_sequence(TOK, prompt, completion, add_eos=eos)
+        assert f.shape == (len(ids), 2) and f.dtype == np.float32
+        want = [0.0 if i >= 256 else fake_trt(i) for i in ids]  # BOS/EOS/chat markers: 0
+        np.testing.assert_allclose(f[:, 0], want)
+        np.testing.assert_allclose(f[:, 1], np.asarray(want) / 2)
+    with pytest.raises(ValueError, match="one row per token"):
+        GazeFeaturizer(TOK, type("Bad", (), {"token_features": lambda s, t, x: {"TRT": [1.0]}})(),
+                       ("TRT",))("two tokens")
+
+
+def test_pad_features_truncates_like_pad_sequences():
+    from jaxpost.data.preference import pad_features
+    seqs = [[1, 2, 3, 4, 5, 6], [7, 8]]
+    feats = [np.array(s, np.float32)[:, None] * [1.0, -1.0] for s in seqs]
+    for mode in ("truncate_left", "truncate_right"):
+        t, s, _ = pad_sequences(seqs, 4, 0, mode)
+        f = pad_features(feats, 4, 2, mode)
+        np.testing.assert_array_equal(f[..., 0], t * s)
+        np.testing.assert_array_equal(f[..., 1], -t * s)
+
+
+def test_batches_with_a_psycholinguistic_featurizer_align_features_with_tokens():
+    """The data path of a GazeReward model: predictor -> word->token remap -> [B, T, k]."""
+    from jaxpost.rl.gaze_reward import featurizer_from_spec
+    records = [{"prompt": "Say something", "chosen": "an extraordinarily long word",
+                "rejected": "a cat"}] * 3
+    featurize = featurizer_from_spec(TOK, "psycholinguistic", ("TRT",), 100.0)
+    it = PreferenceBatches(records, range(3), TOK, batch_size=2, seq_len=64, shuffle=False,
+                           featurize=featurize)
+    batch = next(it)
+    for side in ("chosen", "rejected"):
+        tokens, seg, g = (batch[f"{side}_{k}"] for k in ("tokens", "segment_ids", "gaze"))
+        assert g.shape == tokens.shape + (1,) and g.dtype == np.float32
+        assert np.all(g[seg == 0] == 0) and np.all(g[tokens >= 256] == 0)  # pad, specials
+        assert np.all(g[(tokens == ord(" "))] == 0)  # whitespace holds no word
+        assert np.all(g[..., 0][(seg == 1) & (tokens < 256) & (tokens != ord(" "))] >= 0)
+    # Each word's total over its tokens: a long rare word reads longer than a short
+    # frequent one (ByteTokenizer: one token per ASCII character).
+    ids, g = list(batch["chosen_tokens"][0]), batch["chosen_gaze"][0, :, 0]
+
+    def word_total(word):
+        w = [ord(c) for c in " " + word + " "]
+        i = next(i for i in range(len(ids)) if ids[i:i + len(w)] == w) + 1
+        np.testing.assert_allclose(g[i:i + len(word)], g[i])  # split evenly
+        return float(g[i:i + len(word)].sum())
+    assert word_total("extraordinarily") > word_total("long") > 0

@@ -132,6 +132,30 @@ def test_return_hidden_gives_final_normed_states():
                                atol=1e-5, rtol=1e-5)
 
 
+def test_inputs_embeds_of_the_token_rows_is_a_no_op_and_an_offset_moves_the_output():
+    """The `inputs_embeds` hook: absent, or the token rows themselves (`embed_tokens`), it
+    is the plain call; a zero offset changes nothing, a non-zero one does."""
+    from jaxpost.models import embed_tokens
+    cfg = tiny("llama")
+    params = init_params(cfg, jax.random.key(0))
+    tokens = _tokens(2, 6)
+
+    @jax.jit
+    def with_offset(params, tokens, offset):
+        x = embed_tokens(cfg, params["embed_tokens"]["embedding"], tokens) + offset
+        return Transformer(cfg).apply({"params": params}, tokens, inputs_embeds=x)
+
+    plain = _apply(cfg)(params, tokens)
+    zero = jnp.zeros((2, 6, cfg.hidden_size))
+    chex.assert_trees_all_equal(with_offset(params, tokens, zero), plain)
+    moved = with_offset(params, tokens, zero.at[1, 2].set(0.5))
+    chex.assert_trees_all_close(moved[0], plain[0])  # other rows, and earlier positions,
+    chex.assert_trees_all_close(moved[1, :2], plain[1, :2])  # are causally untouched
+    assert float(jnp.abs(moved[1, 2:] - plain[1, 2:]).max(axis=-1).min()) > 1e-6
+    with pytest.raises(ValueError, match="inputs_embeds has shape"):
+        Transformer(cfg).apply({"params": params}, tokens, inputs_embeds=zero[:, :5])
+
+
 @pytest.mark.parametrize("tied", [False, True], ids=["lm_head", "tied"])
 def test_last_only_gives_the_last_position_of_the_full_output(tied):
     cfg = tiny("qwen2", tie_embeddings=tied)
