@@ -53,9 +53,19 @@ from jaxpost.peft.fisher import DIAGONAL, KFAC, Fisher
 from jaxpost.peft.partition import combine
 from jaxpost.peft.regularisers import Regulariser, adapter_deltas
 
-__all__ = ["ALIGN_SUFFIX", "AlignGuardConfig", "METRICS", "alignguard_penalty",
-           "alignguard_regulariser", "alignguard_terms", "config_warnings", "fisher_stats",
-           "flat_kernels", "project", "uses_align_adapter"]
+__all__ = [
+    "ALIGN_SUFFIX",
+    "METRICS",
+    "AlignGuardConfig",
+    "alignguard_penalty",
+    "alignguard_regulariser",
+    "alignguard_terms",
+    "config_warnings",
+    "fisher_stats",
+    "flat_kernels",
+    "project",
+    "uses_align_adapter",
+]
 
 ALIGN_SUFFIX = "_align"  # the alignment adapter's leaves: lora_a_align / lora_b_align
 SPLITS = ("adapters", "projection")
@@ -147,7 +157,7 @@ def flat_kernels(deltas: Mapping) -> dict[str, jax.Array]:
 
 def _top_mask(f: jax.Array, frac: float) -> jax.Array:
     """1 on the `ceil(frac·n)` largest entries of each [in, out] matrix of f, else 0."""
-    *lead, d_in, d_out = f.shape
+    d_in, d_out = f.shape[-2:]
     flat = f.reshape((-1, d_in * d_out))
     k = max(1, math.ceil(frac * d_in * d_out))
     idx = jnp.argsort(-flat, axis=-1)[:, :k]

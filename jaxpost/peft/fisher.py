@@ -35,7 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpost.models import ModelConfig, Transformer, token_logprobs, unstack_layer_params
+from jaxpost.models import (
+    ModelConfig,
+    Transformer,
+    token_logprobs,
+    unstack_layer_params,
+)
 from jaxpost.models.layers import Linear
 from jaxpost.models.transformer import layer_name
 

@@ -26,8 +26,15 @@ import jax.numpy as jnp
 from jaxpost.peft import lora as L
 from jaxpost.peft.partition import combine
 
-__all__ = ["Regulariser", "RegFn", "adapter_deltas", "anchor_deltas", "ewc", "l2_to_start",
-           "regularisation"]
+__all__ = [
+    "RegFn",
+    "Regulariser",
+    "adapter_deltas",
+    "anchor_deltas",
+    "ewc",
+    "l2_to_start",
+    "regularisation",
+]
 
 RegFn = Callable[[Any, Any, Any], tuple[jax.Array, dict[str, jax.Array]]]
 

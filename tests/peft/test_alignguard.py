@@ -76,7 +76,7 @@ class AlignGuardTest(chex.TestCase):
         reg = AG.alignguard_regulariser(cfg, stats, lora_scale=1.0)
         params = _params([1.0, 2.0, 0.5, 0], [1.0, -0.5, 3.0, 0.2])
         for name in AG.METRICS.values():
-            g = jax.grad(lambda p: reg(p, {})[1][name])(params)
+            g = jax.grad(lambda p, n=name: reg(p, {})[1][n])(params)
             norm = float(jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(g))))
             assert norm > 1e-6, name
         off = dataclasses.replace(cfg, lambda_a=0.0, lambda_t=0.0, lambda_nc=0.0)
@@ -96,8 +96,8 @@ class AlignGuardTest(chex.TestCase):
 
     def test_kfac_fisher_term_equals_the_explicit_low_rank_kronecker_quadratic(self):
         rng = np.random.default_rng(0)
-        s_in, s_out = (lambda m: m @ m.T)(rng.normal(size=(3, 3))), \
-            (lambda m: m @ m.T)(rng.normal(size=(4, 4)))
+        m_in, m_out = rng.normal(size=(3, 3)), rng.normal(size=(4, 4))
+        s_in, s_out = m_in @ m_in.T, m_out @ m_out.T
         lam_in, u_in = np.linalg.eigh(s_in)
         lam_out, u_out = np.linalg.eigh(s_out)
         node = {"s_in": s_in, "s_out": s_out, "u_in": u_in[:, ::-1][:, :2],
