@@ -8,6 +8,7 @@ from position t-1 of the same segment.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +17,11 @@ from jaxpost import data
 from jaxpost import sharding as sh
 from jaxpost.models import ModelConfig, Transformer, param_logical_axes, token_logprobs
 from jaxpost.models.layers import dropout_rngs
+from jaxpost.peft.alignguard import AlignGuardConfig
 from jaxpost.train.common import (
     EvalSection, GenerationEval, RecipeConfig, model_init, plan_params, run_recipe, setup)
+from jaxpost.train.regularise import (
+    FisherSection, RegulariseSection, check_config, regularisers_for)
 
 
 def make_sft_loss(cfg: ModelConfig):
@@ -65,6 +69,16 @@ class SFTConfig(RecipeConfig):
     trainer: str = "sft"  # which trainer runs this config
     data: DataSection = DataSection()
     eval: EvalSection = EvalSection()
+    regularise: RegulariseSection = RegulariseSection()  # L2-to-start / EWC (jaxpost.train.regularise)
+    alignguard: AlignGuardConfig = AlignGuardConfig()  # AlignGuard-LoRA (jaxpost.peft.alignguard); enabled=False: off
+    fisher: FisherSection = FisherSection()  # the alignment-set Fisher that alignguard and regularise.ewc read
+
+    identity_keys: ClassVar[tuple[str, ...]] = RecipeConfig.identity_keys + (
+        "alignguard.enabled", "alignguard.split", "fisher.source", "fisher.kind")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_config(self)  # alignguard/regularise/fisher: errors, and warnings of zero terms
 
 
 class SFTTask:
@@ -138,4 +152,7 @@ def train(cfg: SFTConfig):
     plan = plan_params(cfg, model_cfg, *model_init(cfg.model, model_cfg, mesh, cfg.seed),
                        param_logical_axes(model_cfg), mesh)
     task = SFTTask(cfg, plan.model_cfg, tokenizer, mesh)
+    # The Fisher step (estimated once, cached in fisher.path / WORKDIR/fisher) and the
+    # regularisers the train step adds once per optimizer step.
+    task.regularisers = regularisers_for(cfg, plan, model_cfg, tokenizer)
     return run_recipe(cfg, task, plan, mesh)
