@@ -478,7 +478,9 @@ def open_source(
             `"tfds:NAME"`: `TfdsSource` of `split` under `data_dir`;
             `"synthetic:addition"` (or `"synthetic:addition:D"`, operands of at most D
             digits, default 3): `num_records` addition chats of `split`
-            ("train" or "heldout") drawn with `seed`.
+            ("train" or "heldout") drawn with `seed`;
+            `"synthetic:alignment"` (or `"synthetic:alignment:CAT+CAT"`): `num_records`
+            refusal / helpful-answer chats of `split` (`jaxpost.data.alignment`).
         split: TFDS or synthetic split.
         data_dir: TFDS data folder.
         schema: record shape to check ("sft", "prompt" or None).
@@ -493,6 +495,11 @@ def open_source(
     """
     import glob
 
+    if spec.startswith("synthetic:alignment"):
+        from jaxpost.data import alignment
+
+        return alignment.alignment_source(num_records, seed=seed, split=split,
+                                          categories=alignment.parse_spec(spec))
     if spec.startswith("synthetic:"):
         from jaxpost.data import synthetic
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from typing import Any, Callable, ClassVar
 
 import jax
@@ -390,6 +391,46 @@ def check_resume_config(cfg: RecipeConfig, model_cfg: ModelConfig) -> None:
             f"{listed}. Resuming would train it as a different model or on other data; use "
             f"a new workdir, or if the change is deliberate pass "
             f"--config.allow_config_change=\"{keys!r}\"")
+
+
+def load_recipe(spec: str, where: str = "recipe"):
+    """The ConfigDict of a recipe spec: `"configs/x.py"` (its `get_config()`) or
+    `"configs/x.py:ARG"` (`get_config("ARG")`, as `--config=file.py:ARG` passes it)."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("jaxpost_recipe", path)
+    if module_spec is None or module_spec.loader is None or not os.path.isfile(path):
+        raise FileNotFoundError(f"{where}={spec!r}: {path!r} is not a config file")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(*([arg] if arg else []))
+
+
+def sft_warmup(cfg) -> tuple[ModelSection, Any]:
+    """Trains a recipe's SFT warm-up (`init_sft_config`, `init_sft_steps`) into
+    WORKDIR/sft_init and points the model section's `init_from` at it.
+
+    Nothing to do (returns `(cfg.model, None)`) when the recipe names no warm-up or its
+    model already starts elsewhere (`model.init_from`, `model.hf_path`). Otherwise
+    returns `(model section, the warm-up's LoopResult)`: the warm-up resumes its own
+    workdir like any run (a finished one is found done). A warm-up stopped by SIGTERM
+    has saved its checkpoint (`result.preempted`); the caller must not train from it.
+    """
+    if cfg.model.init_from or cfg.model.hf_path or not cfg.init_sft_config:
+        return cfg.model, None
+    from jaxpost.config import to_dataclass
+    from jaxpost.train import sft
+
+    sft_dict = load_recipe(cfg.init_sft_config, "init_sft_config")
+    sft_dict.workdir = os.path.join(cfg.workdir, "sft_init")
+    if cfg.init_sft_steps:
+        sft_dict.steps = cfg.init_sft_steps
+    sft_cfg = to_dataclass(sft.SFTConfig, sft_dict, where="init_sft_config")
+    log.info("training the SFT warm-up into %s", sft_cfg.workdir)
+    result = sft.train(sft_cfg)
+    return dataclasses.replace(sft_cfg.model, init_from=sft_cfg.workdir,
+                               init_step=cfg.model.init_step), result
 
 
 def run_recipe(cfg: RecipeConfig, task, plan: ParamsPlan, mesh, **extra_metadata: Any):

@@ -8,6 +8,7 @@ from position t-1 of the same segment.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,10 @@ from jaxpost import sharding as sh
 from jaxpost.models import ModelConfig, Transformer, param_logical_axes, token_logprobs
 from jaxpost.models.layers import dropout_rngs
 from jaxpost.train.common import (
-    EvalSection, GenerationEval, RecipeConfig, model_init, plan_params, run_recipe, setup)
+    EvalSection, GenerationEval, RecipeConfig, model_init, plan_params, run_recipe, setup,
+    sft_warmup)
+
+log = logging.getLogger(__name__)
 
 
 def make_sft_loss(cfg: ModelConfig):
@@ -65,6 +69,8 @@ class SFTConfig(RecipeConfig):
     trainer: str = "sft"  # which trainer runs this config
     data: DataSection = DataSection()
     eval: EvalSection = EvalSection()
+    init_sft_config: str = ""  # a recipe file ("configs/x.py", or "configs/x.py:ARG" for get_config(ARG)): train it into WORKDIR/sft_init first when model.init_from is unset (a warm-up stage)
+    init_sft_steps: int = 0  # steps of that SFT warm-up (0: its own `steps`)
 
 
 class SFTTask:
@@ -133,9 +139,20 @@ class SFTTask:
 
 
 def train(cfg: SFTConfig):
-    """Runs (or resumes) an SFT recipe; returns the loop's result."""
-    tokenizer, mesh, model_cfg = setup(cfg.model, cfg.mesh, cfg.data.tokenizer)
-    plan = plan_params(cfg, model_cfg, *model_init(cfg.model, model_cfg, mesh, cfg.seed),
+    """Runs (or resumes) an SFT recipe; returns the loop's result.
+
+    With `init_sft_config`, that SFT warm-up runs (or resumes, or finds itself done)
+    first and this run starts from its params; if SIGTERM stops the warm-up, its result
+    (`preempted`) is returned and this stage does not start.
+    """
+    model_section, warmup = sft_warmup(cfg)
+    if warmup is not None and warmup.preempted:
+        log.warning("preempted during the SFT warm-up: %s saved at step %d; run again "
+                    "with the same workdir to finish it", model_section.init_from,
+                    int(warmup.state.step))
+        return warmup
+    tokenizer, mesh, model_cfg = setup(model_section, cfg.mesh, cfg.data.tokenizer)
+    plan = plan_params(cfg, model_cfg, *model_init(model_section, model_cfg, mesh, cfg.seed),
                        param_logical_axes(model_cfg), mesh)
     task = SFTTask(cfg, plan.model_cfg, tokenizer, mesh)
     return run_recipe(cfg, task, plan, mesh)
