@@ -79,6 +79,10 @@ def get_config(stage: str = "agl") -> ConfigDict:
     cfg.data.eval_batches = 2
     cfg.eval.task = TASK
     cfg.eval.num_prompts = 200
+    # Drift: refusal / answer rates on held-out alignment prompts at step 0 (the warm-up
+    # model) and at the end, in WORKDIR/drift.json and the eval metrics.
+    cfg.eval.drift_prompts = 20
+    cfg.eval_at_start = True
     cfg.optimizer.warmup_steps = 30
     cfg.optimizer.schedule = "cosine"
     cfg.optimizer.min_lr_ratio = 0.1

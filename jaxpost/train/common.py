@@ -75,27 +75,78 @@ class EvalSection:
     max_new_tokens: int = 8  # completion budget
     temperature: float = 0.0  # 0: greedy; > 0: sampled, accuracy averaged over num_samples (avg@k)
     num_samples: int = 1  # completions per prompt when sampling (DAPO reports avg@32 at T=1)
+    drift_prompts: int = 0  # alignment drift eval (jaxpost.eval.drift): held-out prompts per jaxpost.data.alignment category, judged for refusal; logs refusal_rate (unsafe) and answer_rate (safe), writes WORKDIR/drift.json (first evaluation vs latest); 0: off
+    drift_judge: str = "phrases"  # "phrases" (refusal-phrase match) or a judge spec "pkg.module:factory(k=v)", e.g. "jaxpost.eval.drift:reward_model_judge(workdir='/tmp/rm')"
+    drift_max_new_tokens: int = 16  # completion budget of the drift eval (a refusal phrase opens the reply)
 
     def __post_init__(self):
         if self.task:
             synthetic.parse_spec(self.task)
-        _at_least(self, 1, "num_prompts", "batch_size", "max_new_tokens", "num_samples")
+        _at_least(self, 1, "num_prompts", "batch_size", "max_new_tokens", "num_samples",
+                  "drift_max_new_tokens")
+        _at_least(self, 0, "drift_prompts")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
 
 
 class GenerationEval:
-    """Greedy generation on held-out prompts, scored by the task's checker."""
+    """Generation on held-out prompts: the task's checker (`task`), and the alignment
+    drift eval (`drift_prompts`), whose report goes to `workdir`/drift.json."""
 
-    def __init__(self, section: EvalSection, model_cfg: ModelConfig, tokenizer, mesh, seed: int):
+    def __init__(self, section: EvalSection, model_cfg: ModelConfig, tokenizer, mesh, seed: int,
+                 workdir: str = ""):
         self.section, self.tokenizer, self.seed = section, tokenizer, seed
-        self.sampler = Sampler(model_cfg, mesh) if section.task else None
+        wanted = section.task or section.drift_prompts
+        self.sampler = Sampler(model_cfg, mesh) if wanted else None
         self._prompts = None
+        self._drift = None
+        self.workdir = workdir
 
     def __call__(self, params, step: int) -> dict[str, float]:
+        out = self._task(params) if self.section.task else {}
+        if self.section.drift_prompts:
+            out.update(self._drift_eval(params, step))
+        return out
+
+    def _drift_eval(self, params, step: int) -> dict[str, float]:
+        """Refusal / answer rates (overall and `refusal_rate/CATEGORY`...); with a
+        workdir, drift.json keeps every evaluated step and compares the first with this."""
+        from jaxpost.data import alignment
+        from jaxpost.eval import drift
+
         e = self.section
-        if not e.task:
-            return {}
+        if self._drift is None:
+            self._drift = drift.DriftEval(
+                self.sampler, self.tokenizer, alignment.drift_prompts(e.drift_prompts,
+                                                                      seed=self.seed),
+                drift.make_judge(e.drift_judge), max_new_tokens=e.drift_max_new_tokens,
+                batch_size=e.batch_size, seed=self.seed)
+        metrics, samples = self._drift(params)
+        out = {k: float(metrics[k]) for k in drift.RATES}
+        for name, c in metrics["categories"].items():
+            key = "refusal_rate" if c["unsafe"] else "answer_rate"
+            out[f"{key}/{name}"] = float(c[key])
+        if self.workdir and jax.process_index() == 0:
+            self._write_drift(drift, metrics, samples, step)
+        return out
+
+    def _write_drift(self, drift, metrics, samples, step: int) -> None:
+        path = os.path.join(self.workdir, "drift.json")
+        steps: dict[str, Any] = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                steps = {k: v for k, v in json.load(f).get("steps", {}).items()
+                         if int(k) < step}  # a resumed run evaluates later steps again
+        steps[str(step)] = metrics
+        first = steps[min(steps, key=int)]
+        report = drift.compare_drift(first, metrics)
+        drift.write_drift_report(path, report, before_step=int(min(steps, key=int)),
+                                 after_step=step, steps=steps, samples=samples)
+        log.info("drift, step %s vs step %d:\n%s", min(steps, key=int), step,
+                 drift.drift_table(report))
+
+    def _task(self, params) -> dict[str, float]:
+        e = self.section
         if self._prompts is None:
             self._prompts = synthetic.addition_prompts(
                 self.tokenizer, e.num_prompts, seed=self.seed, split="heldout",

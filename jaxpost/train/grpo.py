@@ -190,7 +190,8 @@ class GRPOTask:
         self.reference = reference
         if g.beta > 0 and reference is None:
             raise ValueError("grpo.beta > 0 needs a reference policy (train() builds it)")
-        self.evaluator = GenerationEval(cfg.eval, model_cfg, tokenizer, mesh, cfg.seed)
+        self.evaluator = GenerationEval(cfg.eval, model_cfg, tokenizer, mesh, cfg.seed,
+                                        workdir=cfg.workdir)
         self._batch = None
         self._uses = 0
         self._prompt_state = self.prompts.get_state()

@@ -91,7 +91,8 @@ class SFTTask:
             pack=d.pack, seed=cfg.seed, shuffle=d.shuffle, truncation=d.truncation)
         self.loss_fn = make_sft_loss(model_cfg)
         self.cfg, self.tokenizer = cfg, tokenizer
-        self._evaluator = GenerationEval(cfg.eval, model_cfg, tokenizer, mesh, cfg.seed)
+        self._evaluator = GenerationEval(cfg.eval, model_cfg, tokenizer, mesh, cfg.seed,
+                                         workdir=cfg.workdir)
         self._mesh = mesh
         self._eval_batches = self._heldout_batches(tokenizer)
 
