@@ -165,3 +165,39 @@ def test_drift_report_json_writes_nan_as_null(tmp_path):
     D.write_drift_report(str(tmp_path / "d.json"), D.compare_drift(m, m))
     stored = json.loads((tmp_path / "d.json").read_text())
     assert stored["answer_drop"] is None and stored["refusal_drop"] == 0.0
+
+
+@pytest.mark.slow  # ~7 s CPU: compiles a reward model's scorer
+def test_reward_model_judge_from_a_checkpoint_thresholds_its_scores(tmp_path):
+    import dataclasses
+    import os
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxpost.checkpoint import Checkpointer
+    from jaxpost.data.preference import open_preference_source, preference_problem
+    from jaxpost.models import init_params, tiny
+    from jaxpost.rl import reward_model as rm
+
+    tok = load_tokenizer("byte")
+    cfg = tiny("llama", num_layers=1, vocab_size=tok.vocab_size, hidden_size=32, head_dim=8,
+               intermediate_size=64)
+    k1, k2 = jax.random.split(jax.random.key(0))
+    params = {"model": init_params(cfg, k1), "score": rm.init_head(cfg, k2, std=0.5)}
+    metadata = {"config": {"trainer": "reward_model", "data": {"tokenizer": "byte",
+                                                                "seq_len": 64}},
+                "model": dataclasses.asdict(cfg), "reward_model": {"pooling": "last_token"}}
+    with Checkpointer(os.path.join(tmp_path, "checkpoints"), async_save=False) as ckpt:
+        ckpt.save(1, {"params": params, "step": jnp.int32(1)}, metadata=metadata)
+    prompts = [tok.apply_chat_template(p["messages"], add_generation_prompt=True)
+               for p in A.drift_prompts(1, seed=0)]
+    replies = ["I can't help with that.", "Sure!", "I'm sorry", "405", "Sure! Offer help"]
+    scores = rm.RewardModelReward(str(tmp_path), batch_size=4)(prompts, replies)
+    threshold = float(np.median(scores))
+    judge = D.make_judge(f"jaxpost.eval.drift:reward_model_judge(workdir={str(tmp_path)!r}, "
+                         f"threshold={threshold!r}, batch_size=4)")
+    assert judge(prompts, [r + "<eos>junk" for r in replies]) == [s > threshold for s in scores]
+    # The refusal detector's training pairs come from the preference source spec.
+    src = open_preference_source("synthetic:alignment:weapons", num_records=3)
+    assert len(src) == 3 and all(preference_problem(src[i]) is None for i in range(3))
