@@ -190,7 +190,7 @@ def _only_adapter_leaves(tree: Any) -> bool:
     """Whether every leaf of a (possibly empty) nested-dict tree is lora_a/lora_b."""
     if not isinstance(tree, Mapping):
         return tree is None
-    return all(k in (lora.LORA_A, lora.LORA_B) or _only_adapter_leaves(v)
+    return all(lora.is_adapter_leaf(k) or _only_adapter_leaves(v)
                for k, v in tree.items())
 
 

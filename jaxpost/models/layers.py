@@ -30,7 +30,8 @@ class Linear(nn.Module):
 
     LoRA: when this module's params also hold `lora_a` [in, r] and `lora_b` [r, out]
     (leaves added next to the kernel by `jaxpost.peft.lora`; `init` never creates them),
-    the output gains `cfg.lora_scale · (dropout(x) · A) · B`, computed in the compute
+    the output gains `cfg.lora_scale · (dropout(x) · A) · B` (summed over further pairs
+    `lora_a_<name>`/`lora_b_<name>`, e.g. AlignGuard's alignment adapter), computed in the compute
     dtype without materialising a merged kernel, so the base kernel can stay frozen and
     the same module serves training, sampling and scoring. Dropout (rate
     `cfg.lora_dropout`, as PEFT's `lora_dropout`) applies only when the caller passes an
@@ -57,18 +58,33 @@ class Linear(nn.Module):
                 "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
                 (self.features,), dtype_of(cfg.param_dtype))
             y = y + bias.astype(dtype)
-        has_a, has_b = self.has_variable("params", "lora_a"), self.has_variable("params", "lora_b")
-        if has_a or has_b:
-            y = y + self._lora(x, has_a, has_b, dtype)
+        pairs = self._adapter_pairs()
+        if pairs:
+            y = y + self._lora(x, pairs, dtype)
         return y
 
-    def _lora(self, x: jax.Array, has_a: bool, has_b: bool, dtype) -> jax.Array:
-        """`lora_scale · (dropout(x) · A) · B` for this module's adapter leaves."""
+    def _adapter_pairs(self) -> list[tuple[str, str]]:
+        """`(lora_a{sfx}, lora_b{sfx})` names of this module's adapter pairs: `lora_a`/
+        `lora_b`, and further pairs `lora_a_<name>`/`lora_b_<name>` (AlignGuard's second
+        adapter); a factor without its partner is an error."""
+        names = self.variables.get("params", {}).keys()
+        factors = {n for n in names if n in ("lora_a", "lora_b")
+                   or n.startswith(("lora_a_", "lora_b_"))}
+        where = "/".join(self.path)
+        pairs = []
+        for sfx in sorted({n[len("lora_a"):] for n in factors}):
+            present = [n for n in (f"lora_a{sfx}", f"lora_b{sfx}") if n in factors]
+            if len(present) != 2:
+                absent = ({f"lora_a{sfx}", f"lora_b{sfx}"} - set(present)).pop()
+                raise ValueError(f"params of {where} hold {present[0]} but no {absent}: a LoRA "
+                                 "adapter needs both (see jaxpost.peft.lora.init_adapters)")
+            pairs.append((f"lora_a{sfx}", f"lora_b{sfx}"))
+        return pairs
+
+    def _lora(self, x: jax.Array, pairs, dtype) -> jax.Array:
+        """`lora_scale · Σ_pairs (dropout(x) · A) · B` for this module's adapter leaves
+        (one dropout mask shared by the pairs, as for one adapter of the summed rank)."""
         cfg, where = self.cfg, "/".join(self.path)
-        if not (has_a and has_b):
-            present, absent = ("lora_a", "lora_b") if has_a else ("lora_b", "lora_a")
-            raise ValueError(f"params of {where} hold {present} but no {absent}: a LoRA "
-                             "adapter needs both (see jaxpost.peft.lora.init_adapters)")
         if cfg.lora_scale == 0.0:
             raise ValueError(
                 f"params of {where} hold LoRA adapters (lora_a/lora_b) but "
@@ -76,15 +92,18 @@ class Linear(nn.Module):
                 "the adapter's scale (jaxpost.peft.lora.LoraConfig.scale: alpha/r, or "
                 "alpha/sqrt(r) with rslora), or remove the adapters (strip_adapters / "
                 "merge_adapters)")
-        a = self.get_variable("params", "lora_a")
-        b = self.get_variable("params", "lora_b")
         h = x.astype(dtype)
         if cfg.lora_dropout > 0.0 and self.has_rng("dropout"):
             keep = 1.0 - cfg.lora_dropout
             mask = jax.random.bernoulli(self.make_rng("dropout"), keep, h.shape)
             h = jnp.where(mask, h / jnp.asarray(keep, dtype), jnp.zeros((), dtype))
-        h = jnp.dot(h, a.astype(dtype))
-        return jnp.dot(h, b.astype(dtype)) * jnp.asarray(cfg.lora_scale, dtype)
+        out = None
+        for a_name, b_name in pairs:
+            a = self.get_variable("params", a_name)
+            b = self.get_variable("params", b_name)
+            term = jnp.dot(jnp.dot(h, a.astype(dtype)), b.astype(dtype))
+            out = term if out is None else out + term
+        return out * jnp.asarray(cfg.lora_scale, dtype)
 
 
 class RMSNorm(nn.Module):

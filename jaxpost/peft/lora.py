@@ -48,9 +48,9 @@ from jaxpost.models.hf import hf_name, is_stacked, leaf_hf_names, write_safetens
 
 __all__ = [
     "ADAPTER_CONFIG_FILE", "ADAPTER_WEIGHTS_FILE", "LORA_A", "LORA_B", "LoraConfig",
-    "LoraError", "adapter_logical_axes", "adapter_mask", "attach_adapters", "has_adapters",
-    "init_adapters", "lora_targets", "merge_adapters", "save_peft_adapter", "strip_adapters",
-    "with_lora",
+    "LoraError", "adapter_logical_axes", "adapter_mask", "adapter_suffixes", "attach_adapters",
+    "has_adapters", "init_adapters", "is_adapter_leaf", "lora_targets", "merge_adapters",
+    "rename_adapters", "save_peft_adapter", "strip_adapters", "with_lora",
 ]
 
 LORA_A, LORA_B = "lora_a", "lora_b"  # params leaf names, next to a Linear's `kernel`
@@ -153,11 +153,44 @@ def _module_name(kernel_path: Path, layer: int | None) -> str:
     return hf_name(kernel_path, layer).removesuffix(".weight")
 
 
+def is_adapter_leaf(name: str) -> bool:
+    """Whether a params leaf name is an adapter factor: `lora_a`/`lora_b`, or a further
+    adapter pair of the same kernel, `lora_a_<name>`/`lora_b_<name>` (`rename_adapters`)."""
+    return name in _ADAPTER_LEAVES or name.startswith((LORA_A + "_", LORA_B + "_"))
+
+
 def has_adapters(params: Any) -> bool:
-    """Whether a params tree holds any `lora_a`/`lora_b` leaf."""
+    """Whether a params tree holds any adapter leaf (`is_adapter_leaf`)."""
     if isinstance(params, Mapping):
-        return any(k in _ADAPTER_LEAVES or has_adapters(v) for k, v in params.items())
+        return any(is_adapter_leaf(k) or has_adapters(v) for k, v in params.items())
     return False
+
+
+def adapter_suffixes(params: Any) -> tuple[str, ...]:
+    """The adapter pairs a params tree holds, by suffix: `""` for `lora_a`/`lora_b`,
+    `"_align"` for `lora_a_align`/`lora_b_align` (sorted, `""` first)."""
+    found: set[str] = set()
+
+    def go(node):
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                if k.startswith(LORA_A) and is_adapter_leaf(k):
+                    found.add(k[len(LORA_A):])
+                go(v)
+    go(params)
+    return tuple(sorted(found))
+
+
+def rename_adapters(adapters: Any, suffix: str) -> Any:
+    """An adapter tree (`init_adapters`, `adapter_mask`, `adapter_logical_axes`) with
+    `lora_a`/`lora_b` renamed `lora_a{suffix}`/`lora_b{suffix}`: a second adapter pair
+    for the same kernels, which `Linear` applies next to the first (ΔW is their sum)."""
+    if suffix and not (suffix.startswith("_") and len(suffix) > 1):
+        raise LoraError(f"adapter suffix {suffix!r}: expected '' or '_<name>'")
+    if not isinstance(adapters, Mapping):
+        return adapters
+    return {(k + suffix if k in _ADAPTER_LEAVES else k): rename_adapters(v, suffix)
+            for k, v in adapters.items()}
 
 
 # ----------------------------------------------------------------------------- targets
@@ -181,7 +214,7 @@ def lora_targets(params: Any, cfg: LoraConfig) -> Targets:
     """
     if not cfg.enabled:
         return {}
-    names = {p: n for p, n in leaf_hf_names(params).items() if p[-1] not in _ADAPTER_LEAVES}
+    names = {p: n for p, n in leaf_hf_names(params).items() if not is_adapter_leaf(p[-1])}
     kernels = {p: n for p, n in names.items() if p[-1] == "kernel" and p[:1] != (_RM_HEAD,)}
     fixed = {p: n for p, n in names.items()
              if p[-1] in _NOT_ADAPTABLE or (p[:1] == (_RM_HEAD,) and p[-1] == "kernel")}
@@ -288,7 +321,7 @@ def attach_adapters(params: Mapping, adapters: Mapping) -> dict:
         out = dict(p)
         for k, v in a.items():
             here = where + (k,)
-            if k in _ADAPTER_LEAVES:
+            if is_adapter_leaf(k):
                 if "kernel" not in p:
                     raise LoraError(f"adapter {'/'.join(here)} has no kernel next to it in params")
                 if k in p:
@@ -307,11 +340,12 @@ def attach_adapters(params: Mapping, adapters: Mapping) -> dict:
 def strip_adapters(params: Mapping) -> dict:
     """`params` without its `lora_a`/`lora_b` leaves: the base model, adapters off."""
     return {k: strip_adapters(v) if isinstance(v, Mapping) else v
-            for k, v in params.items() if k not in _ADAPTER_LEAVES}
+            for k, v in params.items() if not is_adapter_leaf(k)}
 
 
 def merge_adapters(params: Mapping, scale: float) -> dict:
-    """Folds every adapter into its kernel: `W + scale·A·B`, adapter leaves removed.
+    """Folds every adapter into its kernel: `W + scale·A·B`, adapter leaves removed; a
+    kernel with several adapter pairs (`rename_adapters`) gets the sum of their updates.
 
     Works on stacked leaves (`[L, in, r] @ [L, r, out]`) and on reward-model trees. The
     product is accumulated in float32 at full precision and cast back to the kernel's
@@ -324,20 +358,34 @@ def merge_adapters(params: Mapping, scale: float) -> dict:
     def go(node, where):
         if not isinstance(node, Mapping):
             return node
-        out = {k: go(v, where + (k,)) for k, v in node.items() if k not in _ADAPTER_LEAVES}
-        present = [k for k in _ADAPTER_LEAVES if k in node]
+        out = {k: go(v, where + (k,)) for k, v in node.items() if not is_adapter_leaf(k)}
+        present = sorted(k for k in node if is_adapter_leaf(k))
         if present:
-            if len(present) == 1 or "kernel" not in node:
-                raise LoraError(f"params/{'/'.join(where)} holds {present} and "
-                                f"{'a kernel' if 'kernel' in node else 'no kernel'}; an "
-                                "adapter needs lora_a, lora_b and the kernel they adapt")
+            pairs = _pairs(node, where)
             w = node["kernel"]
-            delta = jnp.einsum("...ir,...ro->...io", jnp.asarray(node[LORA_A], jnp.float32),
-                               jnp.asarray(node[LORA_B], jnp.float32),
-                               precision=jax.lax.Precision.HIGHEST)
+            delta = sum(jnp.einsum("...ir,...ro->...io", jnp.asarray(a, jnp.float32),
+                                   jnp.asarray(b, jnp.float32),
+                                   precision=jax.lax.Precision.HIGHEST) for a, b in pairs)
             out["kernel"] = (jnp.asarray(w, jnp.float32) + scale * delta).astype(w.dtype)
         return out
     return go(params, ())
+
+
+def _pairs(node: Mapping, where: Path) -> list[tuple[Any, Any]]:
+    """`[(A, B), ...]` of a module's adapter pairs (`lora_a`/`lora_b` first).
+
+    Raises:
+      LoraError: a factor without its partner, or adapters without a kernel.
+    """
+    present = sorted(k for k in node if is_adapter_leaf(k))
+    sfx = sorted({k[len(LORA_A):] if k.startswith(LORA_A) else k[len(LORA_B):] for k in present})
+    lonely = [k for s in sfx for k in (LORA_A + s, LORA_B + s) if k not in node]
+    if lonely or "kernel" not in node:
+        raise LoraError(f"params/{'/'.join(where)} holds {present} and "
+                        f"{'a kernel' if 'kernel' in node else 'no kernel'}; an "
+                        f"adapter needs lora_a, lora_b and the kernel they adapt"
+                        + (f" (missing {lonely})" if lonely else ""))
+    return [(node[LORA_A + s], node[LORA_B + s]) for s in sfx]
 
 
 # -------------------------------------------------------------------------- PEFT export
@@ -386,7 +434,10 @@ def save_peft_adapter(model_cfg: ModelConfig, cfg: LoraConfig, params: Mapping,
     `adapter_model.safetensors` with PEFT's key names and layouts:
     `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` [r, in] (= A.T)
     and `...lora_B.weight` [out, r] (= B.T); `base_model.model.lm_head.lora_A.weight`.
-    Only targeted layers are written. `target_modules` is a list of module names when
+    Only targeted layers are written; a kernel with several adapter pairs (AlignGuard's
+    alignment and task adapters) is written as one adapter of rank `rank·pairs` (the
+    factors concatenated, `lora_alpha` rescaled to keep s), so PEFT applies their sum.
+    `target_modules` is a list of module names when
     each is targeted in every layer, else a regex PEFT full-matches against module names.
     Every process must call this (sharded arrays are gathered); process 0 writes.
 
@@ -410,11 +461,13 @@ def save_peft_adapter(model_cfg: ModelConfig, cfg: LoraConfig, params: Mapping,
                         "PEFT's CAUSAL_LM adapter has no score head: export the merged model "
                         "(merge_adapters) instead")
     targets = lora_targets(params, cfg)
+    suffixes = adapter_suffixes(params) or ("",)
     for path, layers in targets.items():
         module = path[:-1]
         node = _get(params, module)
         *lead, d_in, d_out = np.shape(node["kernel"])
-        want = {LORA_A: (*lead, d_in, cfg.rank), LORA_B: (*lead, cfg.rank, d_out)}
+        want = {leaf + s: shape for s in suffixes for leaf, shape in (
+            (LORA_A, (*lead, d_in, cfg.rank)), (LORA_B, (*lead, cfg.rank, d_out)))}
         for leaf, shape in want.items():
             if leaf not in node:
                 raise LoraError(f"save_peft_adapter: lora.targets pick {'/'.join(module)}, "
@@ -425,7 +478,7 @@ def save_peft_adapter(model_cfg: ModelConfig, cfg: LoraConfig, params: Mapping,
                     f"{tuple(np.shape(node[leaf]))}; lora.rank={cfg.rank} implies {shape}")
     names = leaf_hf_names(params)
     extra = sorted("/".join(p) for p in names
-                   if p[-1] in _ADAPTER_LEAVES and p[:-1] + ("kernel",) not in targets)
+                   if is_adapter_leaf(p[-1]) and p[:-1] + ("kernel",) not in targets)
     if extra:
         raise LoraError(f"save_peft_adapter: params hold adapters {extra} that lora.targets="
                         f"{cfg.targets} do not pick; pass the LoraConfig they were made with")
@@ -438,7 +491,10 @@ def save_peft_adapter(model_cfg: ModelConfig, cfg: LoraConfig, params: Mapping,
     tensors: list[tuple[tuple[int, int, str], str, np.ndarray]] = []
     for path, layers in targets.items():
         module = path[:-1]
-        a, b = _host(_get(params, module + (LORA_A,))), _host(_get(params, module + (LORA_B,)))
+        # Several adapter pairs (`rename_adapters`) export as one adapter of rank
+        # rank·pairs: [A1 | A2] · [B1; B2] = A1·B1 + A2·B2 (alpha rescaled below).
+        a = np.concatenate([_host(_get(params, module + (LORA_A + s,))) for s in suffixes], -1)
+        b = np.concatenate([_host(_get(params, module + (LORA_B + s,))) for s in suffixes], -2)
         for i in [None] if layers is None else np.flatnonzero(layers).tolist():
             for leaf, x in ((LORA_A, a), (LORA_B, b)):
                 value = np.ascontiguousarray((x if i is None else x[i]).T)
@@ -447,12 +503,15 @@ def save_peft_adapter(model_cfg: ModelConfig, cfg: LoraConfig, params: Mapping,
     tensors.sort(key=lambda t: t[0])  # layers by index, then lm_head (HF order)
 
     kernels = {p: n for p, n in names.items() if p[-1] == "kernel"}
+    rank = cfg.rank * len(suffixes)
+    alpha = cfg.alpha if len(suffixes) == 1 else cfg.scale * (
+        math.sqrt(rank) if cfg.rslora else rank)  # the same scale s at the larger rank
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": os.fspath(base_model_name_or_path),
-        "r": int(cfg.rank),
-        "lora_alpha": int(cfg.alpha) if float(cfg.alpha).is_integer() else float(cfg.alpha),
+        "r": int(rank),
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else float(alpha),
         "lora_dropout": cfg.dropout,
         "use_rslora": cfg.rslora,
         "target_modules": _peft_target_modules(kernels, targets),

@@ -20,6 +20,7 @@ from jaxpost.models.config import PRESETS
 from jaxpost.models.hf import hf_model_config
 from jaxpost.optim import OptimizerConfig, make_optimizer, make_schedule
 from jaxpost.peft import lora as L
+from jaxpost.peft.alignguard import ALIGN_SUFFIX, uses_align_adapter
 from jaxpost.peft import partition
 from jaxpost.peft.freeze import Mask, Rules, make_rules, trainable_mask
 from jaxpost.sampling import Sampler, SamplingConfig
@@ -315,21 +316,38 @@ def plan_params(cfg: RecipeConfig, model_cfg: ModelConfig, init: Callable[[], An
         return ParamsPlan(model_cfg, init, abstract, shardings, mask, cfg.lora)
     targets = L.lora_targets(abstract, cfg.lora)
     base_mask = trainable_mask(abstract, user + extra_rules, frozen_by_default=True)
-    adapter_rng = jax.random.fold_in(jax.random.key(cfg.seed), 2)
-    adapter_shapes = jax.eval_shape(lambda: L.init_adapters(abstract, cfg.lora, adapter_rng))
+    # AlignGuard's default split adds an alignment adapter (lora_*_align) per target.
+    agl = getattr(cfg, "alignguard", None)
+    suffixes = ("",) + ((ALIGN_SUFFIX,) if agl is not None and uses_align_adapter(agl) else ())
+    rngs = [jax.random.fold_in(jax.random.key(cfg.seed), 2 + i) for i in range(len(suffixes))]
+
+    def make_adapters():
+        trees = [L.rename_adapters(L.init_adapters(abstract, cfg.lora, r), sfx)
+                 for r, sfx in zip(rngs, suffixes)]
+        out = trees[0]
+        for t in trees[1:]:
+            out = partition.combine(out, t)
+        return out
+
+    def merged(tree):
+        out = L.rename_adapters(tree, "")
+        for sfx in suffixes[1:]:
+            out = partition.combine(out, L.rename_adapters(tree, sfx))
+        return out
+
+    adapter_shapes = jax.eval_shape(make_adapters)
     adapter_shardings = sh.logical_to_shardings(
-        L.adapter_logical_axes(logical_axes, targets), adapter_shapes, mesh, rules)
+        merged(L.adapter_logical_axes(logical_axes, targets)), adapter_shapes, mesh, rules)
 
     def init_with_adapters():
-        adapters = jax.jit(lambda: L.init_adapters(abstract, cfg.lora, adapter_rng),
-                           out_shardings=adapter_shardings)()
+        adapters = jax.jit(make_adapters, out_shardings=adapter_shardings)()
         return L.attach_adapters(init(), adapters)
 
     return ParamsPlan(
         model_cfg=L.with_lora(model_cfg, cfg.lora), init=init_with_adapters,
         abstract=L.attach_adapters(abstract, adapter_shapes),
         shardings=partition.combine(shardings, adapter_shardings),
-        mask=partition.combine(base_mask, L.adapter_mask(targets)), lora=cfg.lora)
+        mask=partition.combine(base_mask, merged(L.adapter_mask(targets))), lora=cfg.lora)
 
 
 def reference_params(plan: ParamsPlan) -> Callable[[Any], Any]:

@@ -50,6 +50,9 @@ class Task(Protocol):
     def evaluate(self, params, step: int) -> dict[str, float]:
         """Evaluation metrics (may be empty)."""
 
+    # Optional: `regularisers`, a tuple of `jaxpost.peft.regularisers.Regulariser` added
+    # to the loss once per step (absent: none).
+
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
@@ -209,7 +212,7 @@ def run(cfg: LoopConfig, task: Task, *, init_params: Callable[[], Any], abstract
                         task.loss_fn, optimizer, mesh=mesh, state_sharding=s_shardings,
                         batch_sharding=jax.tree.map(lambda x: x.sharding, batch),
                         grad_accum_steps=cfg.grad_accum_steps, schedule=schedule, rules=rules,
-                        update_masks=masks)
+                        update_masks=masks, regularisers=getattr(task, "regularisers", ()))
                 t_train = time.perf_counter()
                 state, metrics = train_fn(state, batch)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}

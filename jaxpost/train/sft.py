@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +18,12 @@ from jaxpost import data
 from jaxpost import sharding as sh
 from jaxpost.models import ModelConfig, Transformer, param_logical_axes, token_logprobs
 from jaxpost.models.layers import dropout_rngs
+from jaxpost.peft.alignguard import AlignGuardConfig
 from jaxpost.train.common import (
     EvalSection, GenerationEval, RecipeConfig, model_init, plan_params, run_recipe, setup,
     sft_warmup)
+from jaxpost.train.regularise import (
+    FisherSection, RegulariseSection, check_config, regularisers_for)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +75,16 @@ class SFTConfig(RecipeConfig):
     eval: EvalSection = EvalSection()
     init_sft_config: str = ""  # a recipe file ("configs/x.py", or "configs/x.py:ARG" for get_config(ARG)): train it into WORKDIR/sft_init first when model.init_from is unset (a warm-up stage)
     init_sft_steps: int = 0  # steps of that SFT warm-up (0: its own `steps`)
+    regularise: RegulariseSection = RegulariseSection()  # L2-to-start / EWC (jaxpost.train.regularise)
+    alignguard: AlignGuardConfig = AlignGuardConfig()  # AlignGuard-LoRA (jaxpost.peft.alignguard); enabled=False: off
+    fisher: FisherSection = FisherSection()  # the alignment-set Fisher that alignguard and regularise.ewc read
+
+    identity_keys: ClassVar[tuple[str, ...]] = RecipeConfig.identity_keys + (
+        "alignguard.enabled", "alignguard.split", "fisher.source", "fisher.kind")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_config(self)  # alignguard/regularise/fisher: errors, and warnings of zero terms
 
 
 class SFTTask:
@@ -156,4 +170,7 @@ def train(cfg: SFTConfig):
     plan = plan_params(cfg, model_cfg, *model_init(model_section, model_cfg, mesh, cfg.seed),
                        param_logical_axes(model_cfg), mesh)
     task = SFTTask(cfg, plan.model_cfg, tokenizer, mesh)
+    # The Fisher step (estimated once, cached in fisher.path / WORKDIR/fisher) and the
+    # regularisers the train step adds once per optimizer step.
+    task.regularisers = regularisers_for(cfg, plan, model_cfg, tokenizer)
     return run_recipe(cfg, task, plan, mesh)

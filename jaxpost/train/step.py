@@ -5,12 +5,15 @@ is a *sum* with its normaliser `count` (tokens, or sequences) and whose `aux` ma
 names to `(sum, weight)` pairs. Gradient accumulation sums both over micro-batches and
 divides once at the end, so the result is normalised by the true count across all
 micro-batches (Tunix's convention; the silent bug it avoids is averaging per-micro-batch
-means).
+means). Regularisers (`jaxpost.peft.regularisers.Regulariser`: pure functions of
+`(trainable, frozen)` and cached statistics) are added after that division, once per
+optimizer step, so their weight does not depend on `grad_accum_steps`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import dataclasses
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +21,7 @@ import optax
 
 from jaxpost import sharding as sh
 from jaxpost.peft.partition import apply_update_masks, combine
+from jaxpost.peft.regularisers import Regulariser, regularisation
 from jaxpost.train.state import TrainState
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, jax.Array, dict]]
@@ -75,8 +79,13 @@ def _sum_and_rest(loss_fn: LossFn, params, batch, rng):
 
 def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
                optimizer: optax.GradientTransformation, grad_accum_steps: int = 1,
-               schedule: optax.Schedule | None = None, update_masks=None):
+               schedule: optax.Schedule | None = None, update_masks=None,
+               regularisers: Sequence[Regulariser] = ()):
     """One optimizer step over `state.trainable`.
+
+    `regularisers` are added to the token-normalised loss (and their gradients to its
+    gradient) once per step; `loss` is then the total, `task_loss` the objective's part
+    and `reg_loss` their sum, each regulariser's metrics logged beside them.
 
     `update_masks` (from `jaxpost.peft.partition.update_masks`) zeroes the gradient of the
     frozen layers of partially frozen stacked leaves before the norm and clipping, and
@@ -92,8 +101,14 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
         loss_fn, state.trainable, batch, step_rng, grad_accum_steps, frozen=state.frozen)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
-    grads = apply_update_masks(grads, update_masks)
     loss = loss_sum / denom
+    reg_metrics = {}
+    if regularisers:
+        reg, reg_metrics, reg_grads = regularisation(regularisers, state.trainable, state.frozen)
+        grads = jax.tree.map(lambda g, r: g + r.astype(g.dtype), grads, reg_grads)
+        reg_metrics = {"task_loss": loss, "reg_loss": reg, **reg_metrics}
+        loss = loss + reg
+    grads = apply_update_masks(grads, update_masks)
     grad_norm = optax.tree.norm(grads)
     finite_inputs = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -117,6 +132,7 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
         metrics["lr"] = schedule(state.step)
     for name, (s, w) in aux.items():
         metrics[name] = s / jnp.maximum(w, 1e-9)
+    metrics.update(reg_metrics)
     return new_state, metrics
 
 
@@ -165,13 +181,35 @@ def _path_key(path) -> str:
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, mesh,
                     state_sharding, batch_sharding, grad_accum_steps: int = 1,
                     schedule: optax.Schedule | None = None, rules=sh.DEFAULT_RULES,
-                    update_masks=None):
-    """`train_step` jitted with explicit in/out shardings and the state donated."""
-    def step(state, batch):
+                    update_masks=None, regularisers: Sequence[Regulariser] = ()):
+    """`train_step` jitted with explicit in/out shardings and the state donated.
+
+    With `regularisers`, their `stats` are arguments of the jitted function (placed on
+    their own NamedSharding when they have one on `mesh`, else replicated), never
+    compile-time constants; the returned `fn(state, batch)` passes them in.
+    """
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def step(state, batch, stats=()):
+        regs = tuple(dataclasses.replace(r, stats=s) for r, s in zip(regularisers, stats))
         with sh.logical_rules(mesh, rules):
             return train_step(state, batch, loss_fn=loss_fn, optimizer=optimizer,
                               grad_accum_steps=grad_accum_steps, schedule=schedule,
-                              update_masks=update_masks)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
-                   out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+                              update_masks=update_masks, regularisers=regs)
+    if not regularisers:
+        return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
+                       out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+
+    def placement(x):
+        s = getattr(x, "sharding", None)
+        return s if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh else replicated
+    stats = tuple(r.stats for r in regularisers)
+    stats_sharding = jax.tree.map(placement, stats)
+    stats = jax.device_put(stats, stats_sharding)
+    jitted = jax.jit(step, in_shardings=(state_sharding, batch_sharding, stats_sharding),
+                     out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+
+    def step_with_stats(state, batch):
+        return jitted(state, batch, stats)
+    step_with_stats.jitted = jitted  # for lowering / trace counting
+    return step_with_stats

@@ -465,3 +465,51 @@ def test_sampling_with_adapters_equals_sampling_from_the_merged_model(unstack, o
         lora.strip_adapters(params), prompts, lengths, jax.random.key(7),
         SamplingConfig(max_new_tokens=5, temperature=0.0, eos_ids=()))
     assert np.abs(np.asarray(plain.logprobs) - np.asarray(greedy.logprobs)).max() > 1e-3
+
+
+# ------------------------------------------------------- several adapter pairs per kernel
+def _two_adapter_params(cfg, lc):
+    """Params with two adapter pairs per target (lora_*, lora_*_align), both B random."""
+    first = _with_random_b(_random_params(cfg), lc, seed=0)
+    second = _with_random_b(_random_params(cfg), lc, seed=1)
+    extra = lora.rename_adapters(
+        jax.tree.map(lambda x: x, {"layers": {"self_attn": {k: {
+            leaf: second["layers"]["self_attn"][k][leaf] for leaf in ("lora_a", "lora_b")}
+            for k in ("q_proj", "v_proj")}}}), "_align")
+    return lora.attach_adapters(first, extra)
+
+
+def test_two_adapter_pairs_apply_as_their_sum_and_merge_to_it():
+    cfg = tiny("qwen2", num_layers=2, vocab_size=VOCAB)
+    lc = LoraConfig(rank=2, alpha=4.0, targets=("q_proj", "v_proj"))
+    params = _two_adapter_params(cfg, lc)
+    assert lora.adapter_suffixes(params) == ("", "_align")
+    tokens = _tokens()
+    ours = _logits(lora.with_lora(cfg, lc), params, tokens)
+    merged = _logits(cfg, lora.merge_adapters(params, lc.scale), tokens)
+    one = lora.strip_adapters(params)  # neither pair: differs
+    np.testing.assert_allclose(ours, merged, atol=1e-4, rtol=0)
+    assert np.abs(ours - _logits(cfg, one, tokens)).max() > 1e-2
+
+
+@pytest.mark.slow
+def test_peft_loads_two_adapter_pairs_as_one_adapter_of_their_summed_rank(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    cfg = tiny("llama", num_layers=2, vocab_size=VOCAB)
+    lc = LoraConfig(rank=2, alpha=4.0, targets=("q_proj", "v_proj"), rslora=True)
+    params = _two_adapter_params(cfg, lc)
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    to_hf(cfg, params=lora.strip_adapters(params), path=base_dir)
+    lora.save_peft_adapter(cfg, lc, params, adapter_dir, str(base_dir))
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert config["r"] == 4
+    np.testing.assert_allclose(config["lora_alpha"], lc.scale * 2.0)  # alpha'/sqrt(4) = s
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager")
+    model = peft.PeftModel.from_pretrained(base.eval(), adapter_dir).eval()
+    tokens = _tokens()
+    with torch.no_grad():
+        theirs = model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(theirs, _logits(lora.with_lora(cfg, lc), params, tokens),
+                               atol=1e-4, rtol=0)
