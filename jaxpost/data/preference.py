@@ -201,7 +201,15 @@ def open_preference_source(spec: str, *, split: str = "train", data_dir: str | N
                            skip_malformed: bool = False,
                            skip_hint: str = "open the source with skip_malformed=True") -> Any:
     """A source of preference records; `"synthetic:addition[:D]"` gives
-    `synthetic.addition_preference_records`, anything else goes to `open_source`."""
+    `synthetic.addition_preference_records`, `"synthetic:alignment[:CAT+CAT]"`
+    `alignment.refusal_preference_records` (a refusal detector: the drift eval's
+    reward-model judge), anything else goes to `open_source`."""
+    if spec.startswith("synthetic:alignment"):
+        from jaxpost.data import alignment
+
+        records = alignment.refusal_preference_records(
+            num_records, seed=seed, split=split, categories=alignment.parse_spec(spec))
+        return InMemorySource(records, schema=None)
     if spec.startswith("synthetic:"):
         records = synthetic.addition_preference_records(
             num_records, seed=seed, split=split, max_digits=synthetic.parse_spec(spec))

@@ -481,7 +481,9 @@ def open_source(
             ("train" or "heldout") drawn with `seed`;
             `"synthetic:facts[:N][+addition[:D]]"`: made-up fact recall, alone or mixed
             50/50 with addition (`jaxpost.data.facts`);
-            `"synthetic:mention[:KEEP]"`: the mention task of `jaxpost.data.mention`.
+            `"synthetic:mention[:KEEP]"`: the mention task of `jaxpost.data.mention`;
+            `"synthetic:alignment"` (or `"synthetic:alignment:CAT+CAT"`): `num_records`
+            refusal / helpful-answer chats of `split` (`jaxpost.data.alignment`).
         split: TFDS or synthetic split.
         data_dir: TFDS data folder.
         schema: record shape to check ("sft", "prompt" or None).
@@ -505,6 +507,11 @@ def open_source(
 
         return mention.mention_source(num_records, seed=seed, split=split,
                                       keep=mention.parse_spec(spec))
+    if spec.startswith("synthetic:alignment"):
+        from jaxpost.data import alignment
+
+        return alignment.alignment_source(num_records, seed=seed, split=split,
+                                          categories=alignment.parse_spec(spec))
     if spec.startswith("synthetic:"):
         from jaxpost.data import synthetic
 

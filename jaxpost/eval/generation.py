@@ -30,12 +30,16 @@ def pad_prompts(prompt_ids: Sequence[Sequence[int]], pad_id: int, rows: int | No
 
 def generate_texts(sampler: Sampler, params, tokenizer: Tokenizer,
                    prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig, *,
-                   batch_size: int, rng: jax.Array) -> list[str]:
-    """Decoded completions (special tokens kept) of every prompt, in batches."""
+                   batch_size: int, rng: jax.Array, width: int | None = None) -> list[str]:
+    """Decoded completions (special tokens kept) of every prompt, in batches.
+
+    `width` pads every batch's prompts to that many tokens (one sampler compilation);
+    default: each batch's longest prompt.
+    """
     texts: list[str] = []
     for start in range(0, len(prompt_ids), batch_size):
         chunk = prompt_ids[start:start + batch_size]
-        prompts, lengths = pad_prompts(chunk, tokenizer.pad_id, rows=batch_size)
+        prompts, lengths = pad_prompts(chunk, tokenizer.pad_id, rows=batch_size, width=width)
         rng, key = jax.random.split(rng)
         out = jax.device_get(sampler(params, prompts, lengths, key, sampling))
         for i in range(len(chunk)):

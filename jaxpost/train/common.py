@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from typing import Any, Callable, ClassVar
 
 import jax
@@ -75,27 +76,78 @@ class EvalSection:
     max_new_tokens: int = 8  # completion budget
     temperature: float = 0.0  # 0: greedy; > 0: sampled, accuracy averaged over num_samples (avg@k)
     num_samples: int = 1  # completions per prompt when sampling (DAPO reports avg@32 at T=1)
+    drift_prompts: int = 0  # alignment drift eval (jaxpost.eval.drift): held-out prompts per jaxpost.data.alignment category, judged for refusal; logs refusal_rate (unsafe) and answer_rate (safe), writes WORKDIR/drift.json (first evaluation vs latest); 0: off
+    drift_judge: str = "phrases"  # "phrases" (refusal-phrase match) or a judge spec "pkg.module:factory(k=v)", e.g. "jaxpost.eval.drift:reward_model_judge(workdir='/tmp/rm')"
+    drift_max_new_tokens: int = 16  # completion budget of the drift eval (a refusal phrase opens the reply)
 
     def __post_init__(self):
         if self.task:
             synthetic.parse_spec(self.task)
-        _at_least(self, 1, "num_prompts", "batch_size", "max_new_tokens", "num_samples")
+        _at_least(self, 1, "num_prompts", "batch_size", "max_new_tokens", "num_samples",
+                  "drift_max_new_tokens")
+        _at_least(self, 0, "drift_prompts")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
 
 
 class GenerationEval:
-    """Greedy generation on held-out prompts, scored by the task's checker."""
+    """Generation on held-out prompts: the task's checker (`task`), and the alignment
+    drift eval (`drift_prompts`), whose report goes to `workdir`/drift.json."""
 
-    def __init__(self, section: EvalSection, model_cfg: ModelConfig, tokenizer, mesh, seed: int):
+    def __init__(self, section: EvalSection, model_cfg: ModelConfig, tokenizer, mesh, seed: int,
+                 workdir: str = ""):
         self.section, self.tokenizer, self.seed = section, tokenizer, seed
-        self.sampler = Sampler(model_cfg, mesh) if section.task else None
+        wanted = section.task or section.drift_prompts
+        self.sampler = Sampler(model_cfg, mesh) if wanted else None
         self._prompts = None
+        self._drift = None
+        self.workdir = workdir
 
     def __call__(self, params, step: int) -> dict[str, float]:
+        out = self._task(params) if self.section.task else {}
+        if self.section.drift_prompts:
+            out.update(self._drift_eval(params, step))
+        return out
+
+    def _drift_eval(self, params, step: int) -> dict[str, float]:
+        """Refusal / answer rates (overall and `refusal_rate/CATEGORY`...); with a
+        workdir, drift.json keeps every evaluated step and compares the first with this."""
+        from jaxpost.data import alignment
+        from jaxpost.eval import drift
+
         e = self.section
-        if not e.task:
-            return {}
+        if self._drift is None:
+            self._drift = drift.DriftEval(
+                self.sampler, self.tokenizer, alignment.drift_prompts(e.drift_prompts,
+                                                                      seed=self.seed),
+                drift.make_judge(e.drift_judge), max_new_tokens=e.drift_max_new_tokens,
+                batch_size=e.batch_size, seed=self.seed)
+        metrics, samples = self._drift(params)
+        out = {k: float(metrics[k]) for k in drift.RATES}
+        for name, c in metrics["categories"].items():
+            key = "refusal_rate" if c["unsafe"] else "answer_rate"
+            out[f"{key}/{name}"] = float(c[key])
+        if self.workdir and jax.process_index() == 0:
+            self._write_drift(drift, metrics, samples, step)
+        return out
+
+    def _write_drift(self, drift, metrics, samples, step: int) -> None:
+        path = os.path.join(self.workdir, "drift.json")
+        steps: dict[str, Any] = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                steps = {k: v for k, v in json.load(f).get("steps", {}).items()
+                         if int(k) < step}  # a resumed run evaluates later steps again
+        steps[str(step)] = metrics
+        first = steps[min(steps, key=int)]
+        report = drift.compare_drift(first, metrics)
+        drift.write_drift_report(path, report, before_step=int(min(steps, key=int)),
+                                 after_step=step, steps=steps, samples=samples)
+        log.info("drift, step %s vs step %d:\n%s", min(steps, key=int), step,
+                 drift.drift_table(report))
+
+    def _task(self, params) -> dict[str, float]:
+        e = self.section
         if self._prompts is None:
             self._prompts = synthetic.addition_prompts(
                 self.tokenizer, e.num_prompts, seed=self.seed, split="heldout",
@@ -408,6 +460,46 @@ def check_resume_config(cfg: RecipeConfig, model_cfg: ModelConfig) -> None:
             f"{listed}. Resuming would train it as a different model or on other data; use "
             f"a new workdir, or if the change is deliberate pass "
             f"--config.allow_config_change=\"{keys!r}\"")
+
+
+def load_recipe(spec: str, where: str = "recipe"):
+    """The ConfigDict of a recipe spec: `"configs/x.py"` (its `get_config()`) or
+    `"configs/x.py:ARG"` (`get_config("ARG")`, as `--config=file.py:ARG` passes it)."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("jaxpost_recipe", path)
+    if module_spec is None or module_spec.loader is None or not os.path.isfile(path):
+        raise FileNotFoundError(f"{where}={spec!r}: {path!r} is not a config file")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(*([arg] if arg else []))
+
+
+def sft_warmup(cfg) -> tuple[ModelSection, Any]:
+    """Trains a recipe's SFT warm-up (`init_sft_config`, `init_sft_steps`) into
+    WORKDIR/sft_init and points the model section's `init_from` at it.
+
+    Nothing to do (returns `(cfg.model, None)`) when the recipe names no warm-up or its
+    model already starts elsewhere (`model.init_from`, `model.hf_path`). Otherwise
+    returns `(model section, the warm-up's LoopResult)`: the warm-up resumes its own
+    workdir like any run (a finished one is found done). A warm-up stopped by SIGTERM
+    has saved its checkpoint (`result.preempted`); the caller must not train from it.
+    """
+    if cfg.model.init_from or cfg.model.hf_path or not cfg.init_sft_config:
+        return cfg.model, None
+    from jaxpost.config import to_dataclass
+    from jaxpost.train import sft
+
+    sft_dict = load_recipe(cfg.init_sft_config, "init_sft_config")
+    sft_dict.workdir = os.path.join(cfg.workdir, "sft_init")
+    if cfg.init_sft_steps:
+        sft_dict.steps = cfg.init_sft_steps
+    sft_cfg = to_dataclass(sft.SFTConfig, sft_dict, where="init_sft_config")
+    log.info("training the SFT warm-up into %s", sft_cfg.workdir)
+    result = sft.train(sft_cfg)
+    return dataclasses.replace(sft_cfg.model, init_from=sft_cfg.workdir,
+                               init_step=cfg.model.init_step), result
 
 
 def run_recipe(cfg: RecipeConfig, task, plan: ParamsPlan, mesh, **extra_metadata: Any):

@@ -35,8 +35,8 @@ from jaxpost.rl.rewards import RewardSet, require_some_reward, reward_metrics
 from jaxpost.rl.rollout import build_rows, completion_logprobs
 from jaxpost.sampling import Sampler, SamplingConfig
 from jaxpost.train.common import (
-    EvalSection, GenerationEval, ModelSection, RecipeConfig, model_init, plan_params,
-    reference_params, run_recipe, setup)
+    EvalSection, GenerationEval, RecipeConfig, model_init, plan_params, reference_params,
+    run_recipe, setup, sft_warmup)
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class GRPOConfig(RecipeConfig):
     token_credit_mode: Literal["weighted", "reward_to_go"] = "weighted"  # how credit weights and the sequence advantage make token advantages (jaxpost.rl.grpo.token_advantages)
     optimizer: OptimizerConfig = OptimizerConfig(lr=1e-6, schedule="constant")
     eval: EvalSection = EvalSection()
-    init_sft_config: str = ""  # a recipe file: train it into WORKDIR/sft_init first when model.init_from is unset
+    init_sft_config: str = ""  # a recipe file ("configs/x.py", or "configs/x.py:ARG" for get_config(ARG)): train it into WORKDIR/sft_init first when model.init_from is unset
     init_sft_steps: int = 0  # steps of that SFT warm-up (0: its own `steps`)
 
     identity_keys: ClassVar[tuple[str, ...]] = RecipeConfig.identity_keys + (
@@ -191,7 +191,8 @@ class GRPOTask:
         self.reference = reference
         if g.beta > 0 and reference is None:
             raise ValueError("grpo.beta > 0 needs a reference policy (train() builds it)")
-        self.evaluator = GenerationEval(cfg.eval, model_cfg, tokenizer, mesh, cfg.seed)
+        self.evaluator = GenerationEval(cfg.eval, model_cfg, tokenizer, mesh, cfg.seed,
+                                        workdir=cfg.workdir)
         self._batch = None
         self._uses = 0
         self._prompt_state = self.prompts.get_state()
@@ -311,36 +312,6 @@ class GRPOTask:
         return self.evaluator(params, step)
 
 
-def _init_sft(cfg: GRPOConfig) -> tuple[ModelSection, Any]:
-    """Trains the in-config SFT warm-up (if asked) and points model.init_from at it.
-
-    Returns `(model section, warm-up LoopResult or None)`. A warm-up stopped by SIGTERM
-    has saved its checkpoint (`result.preempted`); GRPO must not start from it, and the
-    next run resumes the warm-up (its loop resumes WORKDIR/sft_init like any workdir).
-    """
-    if cfg.model.init_from or cfg.model.hf_path or not cfg.init_sft_config:
-        return cfg.model, None
-    import importlib.util
-
-    from jaxpost.config import to_dataclass
-    from jaxpost.train import sft
-
-    spec = importlib.util.spec_from_file_location("init_sft_config", cfg.init_sft_config)
-    if spec is None or spec.loader is None:
-        raise FileNotFoundError(f"init_sft_config={cfg.init_sft_config!r} is not a config file")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sft_dict = module.get_config()
-    sft_dict.workdir = os.path.join(cfg.workdir, "sft_init")
-    if cfg.init_sft_steps:
-        sft_dict.steps = cfg.init_sft_steps
-    sft_cfg = to_dataclass(sft.SFTConfig, sft_dict, where="init_sft_config")
-    log.info("training the SFT warm-up into %s", sft_cfg.workdir)
-    result = sft.train(sft_cfg)
-    return dataclasses.replace(sft_cfg.model, init_from=sft_cfg.workdir,
-                               init_step=cfg.model.init_step), result
-
-
 def train(cfg: GRPOConfig):
     """Runs (or resumes) a GRPO recipe; returns the loop's result.
 
@@ -348,7 +319,7 @@ def train(cfg: GRPOConfig):
     first; if SIGTERM stops it, its result (`preempted`) is returned right after its
     checkpoint is saved and GRPO does not start: the next run finishes the warm-up.
     """
-    model_section, warmup = _init_sft(cfg)
+    model_section, warmup = sft_warmup(cfg)
     if warmup is not None and warmup.preempted:
         log.warning("preempted during the SFT warm-up: %s saved at step %d; run again "
                     "with the same workdir to finish the warm-up, then GRPO",

@@ -8,6 +8,7 @@ from position t-1 of the same segment.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import ClassVar
 
 import jax
@@ -19,9 +20,12 @@ from jaxpost.models import ModelConfig, Transformer, param_logical_axes, token_l
 from jaxpost.models.layers import dropout_rngs
 from jaxpost.peft.alignguard import AlignGuardConfig
 from jaxpost.train.common import (
-    EvalSection, GenerationEval, RecipeConfig, model_init, plan_params, run_recipe, setup)
+    EvalSection, GenerationEval, RecipeConfig, model_init, plan_params, run_recipe, setup,
+    sft_warmup)
 from jaxpost.train.regularise import (
     FisherSection, RegulariseSection, check_config, regularisers_for)
+
+log = logging.getLogger(__name__)
 
 
 def make_sft_loss(cfg: ModelConfig):
@@ -69,6 +73,8 @@ class SFTConfig(RecipeConfig):
     trainer: str = "sft"  # which trainer runs this config
     data: DataSection = DataSection()
     eval: EvalSection = EvalSection()
+    init_sft_config: str = ""  # a recipe file ("configs/x.py", or "configs/x.py:ARG" for get_config(ARG)): train it into WORKDIR/sft_init first when model.init_from is unset (a warm-up stage)
+    init_sft_steps: int = 0  # steps of that SFT warm-up (0: its own `steps`)
     regularise: RegulariseSection = RegulariseSection()  # L2-to-start / EWC (jaxpost.train.regularise)
     alignguard: AlignGuardConfig = AlignGuardConfig()  # AlignGuard-LoRA (jaxpost.peft.alignguard); enabled=False: off
     fisher: FisherSection = FisherSection()  # the alignment-set Fisher that alignguard and regularise.ewc read
@@ -99,7 +105,8 @@ class SFTTask:
             pack=d.pack, seed=cfg.seed, shuffle=d.shuffle, truncation=d.truncation)
         self.loss_fn = make_sft_loss(model_cfg)
         self.cfg, self.tokenizer = cfg, tokenizer
-        self._evaluator = GenerationEval(cfg.eval, model_cfg, tokenizer, mesh, cfg.seed)
+        self._evaluator = GenerationEval(cfg.eval, model_cfg, tokenizer, mesh, cfg.seed,
+                                         workdir=cfg.workdir)
         self._mesh = mesh
         self._eval_batches = self._heldout_batches(tokenizer)
 
@@ -147,9 +154,20 @@ class SFTTask:
 
 
 def train(cfg: SFTConfig):
-    """Runs (or resumes) an SFT recipe; returns the loop's result."""
-    tokenizer, mesh, model_cfg = setup(cfg.model, cfg.mesh, cfg.data.tokenizer)
-    plan = plan_params(cfg, model_cfg, *model_init(cfg.model, model_cfg, mesh, cfg.seed),
+    """Runs (or resumes) an SFT recipe; returns the loop's result.
+
+    With `init_sft_config`, that SFT warm-up runs (or resumes, or finds itself done)
+    first and this run starts from its params; if SIGTERM stops the warm-up, its result
+    (`preempted`) is returned and this stage does not start.
+    """
+    model_section, warmup = sft_warmup(cfg)
+    if warmup is not None and warmup.preempted:
+        log.warning("preempted during the SFT warm-up: %s saved at step %d; run again "
+                    "with the same workdir to finish it", model_section.init_from,
+                    int(warmup.state.step))
+        return warmup
+    tokenizer, mesh, model_cfg = setup(model_section, cfg.mesh, cfg.data.tokenizer)
+    plan = plan_params(cfg, model_cfg, *model_init(model_section, model_cfg, mesh, cfg.seed),
                        param_logical_axes(model_cfg), mesh)
     task = SFTTask(cfg, plan.model_cfg, tokenizer, mesh)
     # The Fisher step (estimated once, cached in fisher.path / WORKDIR/fisher) and the
