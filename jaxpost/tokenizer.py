@@ -54,15 +54,25 @@ def _compile_chat_template(template: str):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class _GenerationTag(jinja2.ext.Extension):
-        # transformers' `{% generation %}...{% endgeneration %}` marks assistant text for
-        # its own mask computation; jaxpost finds assistant spans by rendering prefixes,
-        # so the tag only has to render its body.
+        # transformers' `{% generation %}...{% endgeneration %}` marks the assistant text
+        # to train on. As transformers' AssistantTracker: the body renders as a call block
+        # and, while a render tracks it (`render_chat_template_with_spans`), the block's
+        # character span in the output is recorded; otherwise it just renders its body.
         tags = {"generation"}
 
         def parse(self, parser):
             lineno = next(parser.stream).lineno
             body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.Scope(body, lineno=lineno)
+            call = self.call_method("_track", [jinja2.nodes.ContextReference()])
+            return jinja2.nodes.CallBlock(call, [], [], body).set_lineno(lineno)
+
+        def _track(self, context, caller):
+            rendered = caller()
+            tracker = context.get(_GENERATION_TRACKER)
+            if isinstance(tracker, _SpanTracker):
+                start = sum(len(b) for b in tracker.blocks)
+                tracker.spans.append((start, start + len(rendered)))
+            return rendered
 
     def raise_exception(message: str):
         raise jinja2.exceptions.TemplateError(message)
@@ -119,6 +129,49 @@ def render_chat_template(
             add_generation_prompt=add_generation_prompt, **variables)
     except jinja2.exceptions.TemplateError as e:
         raise ChatTemplateError(f"chat template failed to render: {e}") from e
+
+
+#: Template variable carrying the span tracker of one render (not a user variable).
+_GENERATION_TRACKER = "__jaxpost_generation_tracker"
+
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+class _SpanTracker:
+    """The output blocks rendered so far and the `{% generation %}` spans found."""
+
+    def __init__(self):
+        self.blocks: list[str] = []
+        self.spans: list[tuple[int, int]] = []
+
+
+def has_generation_markers(template: str | None) -> bool:
+    """Whether a chat template marks assistant output with `{% generation %}` blocks."""
+    return bool(template) and _GENERATION_TAG.search(template) is not None
+
+
+def render_chat_template_with_spans(
+    template: str,
+    messages: Sequence[Message],
+    *,
+    add_generation_prompt: bool = False,
+    **variables: Any,
+) -> tuple[str, list[tuple[int, int]]]:
+    """`render_chat_template` plus the `(start, end)` character span of every
+    `{% generation %}` block in the output, in order (transformers'
+    `generation_indices`, which `return_assistant_tokens_mask` maps to tokens)."""
+    import jinja2
+
+    compiled = _compile_chat_template(template)
+    tracker = _SpanTracker()
+    try:
+        for block in compiled.generate(
+                messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
+                **{_GENERATION_TRACKER: tracker}, **variables):
+            tracker.blocks.append(block)
+    except jinja2.exceptions.TemplateError as e:
+        raise ChatTemplateError(f"chat template failed to render: {e}") from e
+    return "".join(tracker.blocks), tracker.spans
 
 
 # --------------------------------------------------------------------------- interface
@@ -220,6 +273,27 @@ class Tokenizer(abc.ABC):
         variables = self.chat_template_variables()
         variables.update(kwargs)
         return render_chat_template(
+            self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+            **variables)
+
+
+    def apply_chat_template_with_spans(
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = False,
+        **kwargs: Any,
+    ) -> tuple[str, list[tuple[int, int]]]:
+        """`apply_chat_template` plus the character spans of the template's
+        `{% generation %}` blocks (empty when it has none; see `has_generation_markers`).
+
+        Raises:
+            ChatTemplateError: as `apply_chat_template`.
+        """
+        if not self.chat_template:
+            self.apply_chat_template(messages, add_generation_prompt, **kwargs)  # raises
+        variables = self.chat_template_variables()
+        variables.update(kwargs)
+        return render_chat_template_with_spans(
             self.chat_template, messages, add_generation_prompt=add_generation_prompt,
             **variables)
 

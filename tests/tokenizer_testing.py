@@ -39,8 +39,10 @@ HF_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>"]
 def make_hf_tokenizer_dir(path, *, chat_template: str = CHATML_TEMPLATE,
                           bos_token: str | None = None, eos_token: str = "<|im_end|>",
                           pad_token: str | None = "<|endoftext|>",
-                          config_extra: dict | None = None) -> str:
-    """Writes a byte-level BPE tokenizer.json + tokenizer_config.json into `path`."""
+                          config_extra: dict | None = None,
+                          extra_specials: tuple[str, ...] = ()) -> str:
+    """Writes a byte-level BPE tokenizer.json + tokenizer_config.json into `path`
+    (`extra_specials`: more special tokens, e.g. Llama 3's header tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     os.makedirs(path, exist_ok=True)
@@ -48,7 +50,7 @@ def make_hf_tokenizer_dir(path, *, chat_template: str = CHATML_TEMPLATE,
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=HF_SPECIALS,
+        vocab_size=400, special_tokens=HF_SPECIALS + list(extra_specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS, trainer)
     tok.save(os.path.join(path, "tokenizer.json"))

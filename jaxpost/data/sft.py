@@ -14,7 +14,10 @@ when `tokens[t]` is to be predicted from position `t - 1` (the batch convention 
   rendering prefixes of the conversation: turn `i` spans from the end of
   `render(messages[:i], add_generation_prompt=True)` to the end of
   `render(messages[:i+1])` (trailing whitespace excluded), so the header of the turn is
-  context and the end-of-turn token is a target. Templates that are not prefix-stable
+  context and the end-of-turn token is a target. When the template marks assistant output
+  with `{% generation %}` ... `{% endgeneration %}` (TRL's `*_training.jinja` templates),
+  the mask is instead exactly the marked tokens, as `transformers`'
+  `return_assistant_tokens_mask` computes it (`tokenize_chat_marked`). Templates that are not prefix-stable
   (e.g. ones that rewrite earlier turns) fall back to locating the assistant's content
   in the rendered text. Tokens are mapped to spans through their character offsets.
 
@@ -25,13 +28,14 @@ dropped. `ExampleStats` counts every outcome.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from jaxpost.tokenizer import ChatTemplateError, Tokenizer
+from jaxpost.tokenizer import ChatTemplateError, Tokenizer, has_generation_markers
 
 Example = dict[str, np.ndarray]
 
@@ -209,6 +213,8 @@ def tokenize_chat(
     Returns:
         `{"tokens", "loss_mask"}`, untruncated.
     """
+    if has_generation_markers(tokenizer.chat_template):
+        return tokenize_chat_marked(tokenizer, messages, add_eos=add_eos, **template_kwargs)
     text, spans = assistant_spans(tokenizer, messages, **template_kwargs)
     ids, offsets = tokenizer.encode_with_offsets(text)
     mask = np.zeros(len(ids), np.float32)
@@ -229,6 +235,68 @@ def tokenize_chat(
         # right after the reply (before any trailing newline the template writes), as a
         # model generating this reply would emit it
         at = int(last_span[-1]) + 1 if ends_with_assistant and len(last_span) else len(ids)
+        ids.insert(at, tokenizer.eos_id)
+        mask = np.insert(mask, at, np.float32(1.0))
+    return _example(ids, mask)
+
+
+def _char_to_token(offsets: Sequence[tuple[int, int]], starts: Sequence[int],
+                   char: int) -> int | None:
+    """The first token whose character span holds `char` (tokenizers' `char_to_token`;
+    several byte-level tokens can share one character); `starts` are the offsets'
+    starts, non-decreasing."""
+    k = bisect.bisect_right(starts, char) - 1
+    while k >= 0 and not offsets[k][0] <= char < offsets[k][1]:
+        if offsets[k][0] < offsets[k][1]:
+            return None  # a non-empty token ends at or before `char`: none holds it
+        k -= 1  # an empty span (e.g. an added token with no text) holds nothing
+    if k < 0:
+        return None
+    while k > 0 and offsets[k - 1][0] <= char < offsets[k - 1][1]:
+        k -= 1
+    return k
+
+
+def generation_mask(offsets: Sequence[tuple[int, int]],
+                    spans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """The token mask of `{% generation %}` character spans, exactly as transformers'
+    `return_assistant_tokens_mask`: for each span, every token from the one holding its
+    first character through the one holding its last (to the end when that character is
+    in no token); a span whose first character is in no token stops the scan."""
+    mask = np.zeros(len(offsets), np.float32)
+    starts = [o[0] for o in offsets]
+    for a, b in spans:
+        start = _char_to_token(offsets, starts, a)
+        end = _char_to_token(offsets, starts, b - 1)
+        if start is None:
+            break
+        mask[start:(end + 1 if end else len(offsets))] = 1.0
+    return mask
+
+
+def tokenize_chat_marked(
+    tokenizer: Tokenizer,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_eos: bool | None = None,
+    **template_kwargs: Any,
+) -> Example:
+    """Tokenizes a conversation whose chat template marks assistant output with
+    `{% generation %}` ... `{% endgeneration %}`: the loss mask is exactly the marked
+    tokens (what `transformers`' `return_assistant_tokens_mask` and TRL's
+    `assistant_only_loss` train on, newlines and end-of-turn tokens inside the block
+    included). The template governs EOS: `add_eos=None` (default) or False adds none;
+    True appends EOS, as a target, after the last marked token.
+    """
+    text, spans = tokenizer.apply_chat_template_with_spans(messages, **template_kwargs)
+    ids, offsets = tokenizer.encode_with_offsets(text)
+    mask = generation_mask(offsets, spans)
+    ids = list(ids)
+    if add_eos:
+        if tokenizer.eos_id is None:
+            raise ValueError(f"add_eos=True but {tokenizer!r} has no EOS token")
+        marked = np.nonzero(mask)[0]
+        at = int(marked[-1]) + 1 if len(marked) else len(ids)
         ids.insert(at, tokenizer.eos_id)
         mask = np.insert(mask, at, np.float32(1.0))
     return _example(ids, mask)

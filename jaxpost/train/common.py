@@ -502,16 +502,21 @@ def sft_warmup(cfg) -> tuple[ModelSection, Any]:
                                init_step=cfg.model.init_step), result
 
 
-def run_recipe(cfg: RecipeConfig, task, plan: ParamsPlan, mesh, **extra_metadata: Any):
+def run_recipe(cfg: RecipeConfig, task, plan: ParamsPlan, mesh, *,
+               wrap_optimizer: Callable[[Any], Any] | None = None, **extra_metadata: Any):
     """Runs the shared loop with the recipe's `optimizer` section over `cfg.steps`, storing
     the config, the model config and the parameter split (plus `extra_metadata`) with
     every checkpoint. A workdir with a checkpoint resumes only if its identity keys match
-    (`check_resume_config`)."""
+    (`check_resume_config`). `wrap_optimizer(optimizer) -> optimizer` may extend the
+    optax chain (GRPO's synced reference lives in its state)."""
     check_resume_config(cfg, plan.model_cfg)
     counts = plan.counts
+    optimizer = make_optimizer(cfg.optimizer, cfg.steps)
+    if wrap_optimizer is not None:
+        optimizer = wrap_optimizer(optimizer)
     return run(cfg, task, init_params=plan.init, abstract_params=plan.abstract,
                param_shardings=plan.shardings, trainable_mask=plan.mask,
-               optimizer=make_optimizer(cfg.optimizer, cfg.steps), mesh=mesh,
+               optimizer=optimizer, mesh=mesh,
                schedule=make_schedule(cfg.optimizer, cfg.steps),
                metadata={"config": dataclasses.asdict(cfg),
                          "model": dataclasses.asdict(plan.model_cfg),

@@ -16,19 +16,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxpost import data
 from jaxpost import sharding as sh
 from jaxpost.eval.generation import pad_prompts
 from jaxpost.models import ModelConfig, param_logical_axes
 from jaxpost.optim import OptimizerConfig
+from jaxpost.peft import partition
 from jaxpost.rl import grpo as G
 from jaxpost.rl.credit import resolve_token_credit, token_credit_weights
 from jaxpost.rl.rewards import RewardSet, require_some_reward, reward_metrics
@@ -70,7 +73,27 @@ class GRPOSection:
     epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
     epsilon_high: float = 0.0  # upper clip: ratio <= 1 + epsilon_high (0: = epsilon; DAPO 0.28)
     delta: float = 0.0  # two-sided clip cap on the ratio for negative advantages (0: off; INTELLECT-2)
-    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"  # token aggregation (see jaxpost.rl.grpo)
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = "dapo"  # surrogate + aggregation (see jaxpost.rl.grpo.LOSS_TYPES)
+    importance_sampling_level: Literal["token", "sequence"] = "token"  # ratio per token, or one per sequence from the mean log-ratio (GSPO)
+    use_bias_correction_kl: bool = True  # KL term times the ratio pi/pi_old (DeepSeek-V3.2; TRL's default)
+    sapo_temperature_pos: float = 1.0  # sapo: gate temperature where A > 0
+    sapo_temperature_neg: float = 1.05  # sapo: gate temperature where A <= 0
+    vespo_k_pos: float = 2.0  # vespo: Gamma power k where A >= 0
+    vespo_lambda_pos: float = 3.0  # vespo: Gamma decay lambda where A >= 0
+    vespo_k_neg: float = 3.0  # vespo: Gamma power k where A < 0
+    vespo_lambda_neg: float = 2.0  # vespo: Gamma decay lambda where A < 0
+    multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"  # several rewards: weighted sum then scale_rewards, or per-reward group normalisation then sum then batch normalisation (GDPO)
+    top_entropy_quantile: float = 1.0  # policy loss only on the top-rho entropy tokens of each micro-batch (Beyond 80/20: 0.2; 1: all)
+    entropy_coef: float = 0.0  # entropy bonus: loss - coef * mean token entropy (0: off; the start value when adaptive)
+    use_adaptive_entropy: bool = False  # Skywork-OR1: coef += delta when entropy <= target, else -= delta; applied only while entropy <= target
+    entropy_coef_min: float = 0.0  # adaptive entropy: lower bound of the coefficient
+    entropy_coef_max: float = 1.0  # adaptive entropy: upper bound of the coefficient
+    entropy_coef_delta: float = 0.005  # adaptive entropy: step of the coefficient per optimizer step
+    entropy_target: float = 0.2  # adaptive entropy: target mean token entropy (nats)
+    off_policy_mask_threshold: float = 0.0  # drop sequences with A < 0 whose mean KL(old || policy) exceeds this (DeepSeek-V3.2; 0: off)
+    sync_ref_model: bool = False  # TR-DPO: every ref_model_sync_steps, ref = alpha * policy + (1 - alpha) * ref (needs beta > 0; checkpointed)
+    ref_model_mixup_alpha: float = 0.6  # TR-DPO alpha
+    ref_model_sync_steps: int = 512  # TR-DPO tau: optimizer steps between syncs
     scale_rewards: Literal["group", "batch", "none"] = "group"  # advantage std normalisation (none: Dr. GRPO)
     num_iterations: int = 1  # mu: optimizer steps per rollout batch
     mask_truncated_completions: bool = False  # DAPO overlong filtering: no loss on truncated rows
@@ -89,6 +112,30 @@ class GRPOSection:
                      "max_completion_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
+            raise ValueError("loss_type='luspo' (length-scaled sequence loss) needs "
+                             "importance_sampling_level='sequence' (TRL only warns)")
+        if not 0.0 <= self.top_entropy_quantile <= 1.0:
+            raise ValueError(f"top_entropy_quantile must be in [0, 1], got "
+                             f"{self.top_entropy_quantile}")
+        if self.off_policy_mask_threshold < 0:
+            raise ValueError(f"off_policy_mask_threshold must be > 0 (0: off), got "
+                             f"{self.off_policy_mask_threshold}")
+        if self.use_adaptive_entropy and not (
+                self.entropy_coef_min <= self.entropy_coef_max and self.entropy_coef_delta >= 0):
+            raise ValueError("adaptive entropy needs entropy_coef_min <= entropy_coef_max and "
+                             f"entropy_coef_delta >= 0, got {self.entropy_coef_min}, "
+                             f"{self.entropy_coef_max}, {self.entropy_coef_delta}")
+        if self.sync_ref_model:
+            if self.beta == 0:
+                raise ValueError("sync_ref_model=True with beta=0: there is no reference to "
+                                 "synchronise; set grpo.beta > 0 or sync_ref_model=False")
+            if not 0.0 <= self.ref_model_mixup_alpha <= 1.0:
+                raise ValueError(f"ref_model_mixup_alpha must be in [0, 1], got "
+                                 f"{self.ref_model_mixup_alpha}")
+            if self.ref_model_sync_steps < 1:
+                raise ValueError(f"ref_model_sync_steps must be >= 1, got "
+                                 f"{self.ref_model_sync_steps}")
         if self.warn_zero_std_rollouts < 0:
             raise ValueError(f"warn_zero_std_rollouts must be >= 0 (0: never), got "
                              f"{self.warn_zero_std_rollouts}")
@@ -112,7 +159,66 @@ class GRPOConfig(RecipeConfig):
 
     identity_keys: ClassVar[tuple[str, ...]] = RecipeConfig.identity_keys + (
         "prompts.source", "prompts.split", "prompts.data_dir", "prompts.num_records",
-        "prompts.tokenizer", "prompts.chat")
+        "prompts.tokenizer", "prompts.chat", "grpo.sync_ref_model")
+
+
+def loss_options(g: GRPOSection) -> dict[str, Any]:
+    """The `jaxpost.rl.grpo.policy_loss` keywords of the loss variants (TRL's names)."""
+    names = ("importance_sampling_level", "use_bias_correction_kl", "sapo_temperature_pos",
+             "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+             "vespo_lambda_neg", "top_entropy_quantile")
+    return {**{k: getattr(g, k) for k in names},
+            "off_policy_mask_threshold": g.off_policy_mask_threshold or None}
+
+
+def entropy_bonus_enabled(g: GRPOSection) -> bool:
+    """Whether the loss has an entropy bonus (a static or an adaptive coefficient)."""
+    return g.entropy_coef != 0.0 or g.use_adaptive_entropy
+
+
+@dataclasses.dataclass
+class EntropyController:
+    """The entropy-bonus coefficient across steps, as TRL 1.16 runs it (Skywork-OR1's
+    adaptive control when `use_adaptive_entropy`).
+
+    Each step applies `coef` (adaptive: only while the entropy measured at the end of
+    the previous step is <= `entropy_target`; none is measured before the first step, so
+    it applies no bonus). After the step the window's token-mean entropy over the tokens
+    the policy term acted on updates it: `coef + delta` (capped at `entropy_coef_max`)
+    when at or below the target, else `coef - delta` (floored at `entropy_coef_min`).
+    Its state is part of the checkpointed data state, so resume is exact.
+    """
+
+    g: GRPOSection
+    coef: float = 0.0
+    last_entropy: float = float("inf")
+
+    def __post_init__(self):
+        self.coef = float(self.g.entropy_coef)
+
+    def applied(self) -> float:
+        if self.g.use_adaptive_entropy and not self.last_entropy <= self.g.entropy_target:
+            return 0.0
+        return self.coef
+
+    def observe(self, entropy: float) -> None:
+        if not self.g.use_adaptive_entropy:
+            return
+        if entropy <= self.g.entropy_target:
+            self.coef = min(self.coef + self.g.entropy_coef_delta, self.g.entropy_coef_max)
+        else:
+            self.coef = max(self.coef - self.g.entropy_coef_delta, self.g.entropy_coef_min)
+        self.last_entropy = float(entropy)
+
+    def state(self) -> dict:
+        # JSON has no inf: None stands for "nothing measured yet".
+        last = None if math.isinf(self.last_entropy) else self.last_entropy
+        return {"coef": self.coef, "last_entropy": last}
+
+    def load(self, state: dict) -> None:
+        self.coef = float(state["coef"])
+        last = state.get("last_entropy")
+        self.last_entropy = float("inf") if last is None else float(last)
 
 
 def make_grpo_loss(model_cfg: ModelConfig, g: GRPOSection):
@@ -129,11 +235,14 @@ def make_grpo_loss(model_cfg: ModelConfig, g: GRPOSection):
         old = jax.lax.stop_gradient(logp)
         if "old_logp" in batch:
             old = jnp.where(batch["first_iteration"][:, None] > 0, old, batch["old_logp"])
+        entropies = G.token_entropy(logits)
         loss_sum, count, aux = G.policy_loss(
             logp, old, batch["advantages"], mask, loss_type=g.loss_type,
             max_completion_length=c, epsilon=g.epsilon, epsilon_high=eps_high, beta=g.beta,
-            ref_logp=batch.get("ref_logp"), delta=g.delta or None)
-        aux["entropy"] = G.masked_mean_pair(G.token_entropy(logits), mask)
+            ref_logp=batch.get("ref_logp"), delta=g.delta or None,
+            **loss_options(g), entropies=entropies,
+            entropy_coef=jnp.mean(batch["entropy_coef"]) if "entropy_coef" in batch else None)
+        aux["entropy"] = G.masked_mean_pair(entropies, mask)
         aux["ratio_mean"] = G.masked_mean_pair(jnp.exp(logp - old), mask)
         return loss_sum, count, aux
 
@@ -197,6 +306,7 @@ class GRPOTask:
         self._uses = 0
         self._prompt_state = self.prompts.get_state()
         self._zero_std_streak = 0  # rollout batches in a row without any reward spread
+        self.entropy = EntropyController(g) if entropy_bonus_enabled(g) else None
 
     # -- rollout --------------------------------------------------------------------
     def _rollout(self, state) -> tuple[dict, dict]:
@@ -220,8 +330,14 @@ class GRPOTask:
         columns["truncated"] = [bool(x) for x in out.truncated]
         total, per_fn = self.rewards([r["prompt"] for r in rows], completions, columns)
         require_some_reward(total, per_fn, [r["prompt"] for r in rows], completions)
-        seq_adv, adv_stats = G.group_advantages(jnp.asarray(total, jnp.float32),
-                                                g.num_generations, g.scale_rewards)
+        if g.multi_objective_aggregation == "normalize_then_sum":
+            seq_adv, adv_stats = G.decoupled_advantages(
+                jnp.asarray(np.stack([per_fn[k] for k in self.rewards.names], axis=1),
+                            jnp.float32),
+                jnp.asarray(self.rewards.weights, jnp.float32), g.num_generations)
+        else:
+            seq_adv, adv_stats = G.group_advantages(jnp.asarray(total, jnp.float32),
+                                                    g.num_generations, g.scale_rewards)
         self._watch_zero_std(float(adv_stats["frac_reward_zero_std"]), per_fn)
         batch = build_rows(prompt_ids, out.tokens, out.lengths, width, self.tokenizer.pad_id)
         mask = batch["completion_mask"]
@@ -294,6 +410,9 @@ class GRPOTask:
         if self.g.num_iterations > 1:
             first = np.full((len(batch["tokens"]),), self._uses == 1, np.float32)
             batch = dict(batch, first_iteration=first)
+        if self.entropy is not None:  # this step's coefficient, a traced input
+            coef = np.full((len(batch["tokens"]),), self.entropy.applied(), np.float32)
+            batch = dict(batch, entropy_coef=coef)
         if self._uses > 1:  # the same rollout again: no new sampling time was spent
             metrics.update({k: 0.0 for k in metrics if k.startswith("time_")})
         metrics["iteration"] = float(self._uses)
@@ -302,14 +421,73 @@ class GRPOTask:
     def data_state(self) -> dict:
         """Position of the prompt stream; a partly used rollout batch is re-sampled on
         resume (from the prompts it came from), so resume never skips prompts."""
-        return {"prompts": self.prompts.get_state() if self._batch is None or
-                self._uses >= self.g.num_iterations else self._rollout_state}
+        state = {"prompts": self.prompts.get_state() if self._batch is None or
+                 self._uses >= self.g.num_iterations else self._rollout_state}
+        if self.entropy is not None:
+            state["entropy_controller"] = self.entropy.state()
+        return state
 
     def set_data_state(self, state: dict) -> None:
         self.prompts.set_state(state["prompts"])
+        if self.entropy is not None and "entropy_controller" in state:
+            self.entropy.load(state["entropy_controller"])
+
+    def after_step(self, step: int, metrics: dict[str, float]) -> None:
+        """The loop's call after each applied step: the adaptive entropy update (TRL
+        logs the coefficient the next step starts from as `entropy_coef`)."""
+        del step
+        if self.entropy is not None:
+            self.entropy.observe(metrics["entropy_bonus/entropy"])
+            metrics["entropy_coef"] = self.entropy.coef
 
     def evaluate(self, params, step: int) -> dict[str, float]:
         return self.evaluator(params, step)
+
+
+class ReferenceSyncState(NamedTuple):
+    """Optimizer state of `reference_sync`: the steps taken and the synced reference's
+    copy of the trainable params (checkpointed with the optimizer state)."""
+
+    count: jax.Array
+    reference: Any
+
+
+def reference_sync(alpha: float, every: int, update_masks=None,
+                   ) -> optax.GradientTransformation:
+    """TR-DPO's reference update as an optax transformation chained after the optimizer:
+    after every `every`-th update, `ref = alpha * params + (1 - alpha) * ref` with the
+    updated params (TRL's `SyncRefModelCallback` at `global_step % every == 0`). The
+    updates pass through unchanged. Living in the optimizer state, the reference is
+    saved and restored with every checkpoint (resume is exact) and sharded like the
+    params. `update_masks` (`jaxpost.peft.partition.update_masks`) are applied to the
+    updates first, as the train step does, so frozen layers of stacked leaves stay."""
+    def init(params):
+        return ReferenceSyncState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("reference_sync needs the params (optimizer.update(g, s, params))")
+        new_params = optax.apply_updates(params, partition.apply_update_masks(updates,
+                                                                              update_masks))
+        count = state.count + 1
+        due = count % every == 0
+        ref = jax.tree.map(
+            lambda r, p: jnp.where(due, alpha * p.astype(jnp.float32)
+                                   + (1.0 - alpha) * r.astype(jnp.float32), r).astype(r.dtype),
+            state.reference, new_params)
+        return updates, ReferenceSyncState(count, ref)
+
+    return optax.GradientTransformation(init, update)
+
+
+def synced_reference(state) -> Any:
+    """The params of the synced reference (`reference_sync`) held in `state.opt_state`."""
+    found = [x for x in jax.tree.leaves(state.opt_state,
+                                        is_leaf=lambda x: isinstance(x, ReferenceSyncState))
+             if isinstance(x, ReferenceSyncState)]
+    if len(found) != 1:
+        raise ValueError("sync_ref_model: the optimizer state holds no reference_sync state")
+    return partition.combine(state.frozen, found[0].reference)
 
 
 def train(cfg: GRPOConfig):
@@ -328,5 +506,16 @@ def train(cfg: GRPOConfig):
     tokenizer, mesh, model_cfg = setup(model_section, cfg.mesh, cfg.prompts.tokenizer)
     plan = plan_params(cfg, model_cfg, *model_init(model_section, model_cfg, mesh, cfg.seed),
                        param_logical_axes(model_cfg), mesh)
-    task = GRPOTask(cfg, plan.model_cfg, tokenizer, mesh, reference_params(plan))
-    return run_recipe(cfg, task, plan, mesh)
+    g, wrap = cfg.grpo, None
+    reference = reference_params(plan)
+    if g.sync_ref_model:
+        if cfg.lora.enabled:
+            raise ValueError("grpo.sync_ref_model=True with LoRA: the reference is the base "
+                             "with the adapters off, nothing to synchronise (TRL refuses "
+                             "PEFT too); use full or partial fine-tuning")
+        masks = partition.update_masks(partition.split(plan.abstract, plan.mask)[0], plan.mask)
+        wrap = lambda opt: optax.chain(opt, reference_sync(  # noqa: E731
+            g.ref_model_mixup_alpha, g.ref_model_sync_steps, masks))
+        reference = synced_reference
+    task = GRPOTask(cfg, plan.model_cfg, tokenizer, mesh, reference)
+    return run_recipe(cfg, task, plan, mesh, wrap_optimizer=wrap)

@@ -52,6 +52,8 @@ class Task(Protocol):
 
     # Optional: `regularisers`, a tuple of `jaxpost.peft.regularisers.Regulariser` added
     # to the loss once per step (absent: none).
+    # Optional: `after_step(step, metrics)` is called after each applied step, before
+    # that step's `data_state()` is saved (it may add to `metrics`).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,6 +239,11 @@ def run(cfg: LoopConfig, task: Task, *, init_params: Callable[[], Any], abstract
                 if tokens:
                     metrics["tokens_per_s"] = tokens / elapsed
                 last = metrics
+                # Optional: host-side state that follows the step's metrics (GRPO's
+                # adaptive entropy), updated before the step's data state is saved.
+                after_step = getattr(task, "after_step", None)
+                if after_step is not None:
+                    after_step(step, metrics)
 
                 # Save before evaluating: an evaluation error never loses the step.
                 saved = _is_due(step, cfg.checkpoint_every, cfg.steps) and save(

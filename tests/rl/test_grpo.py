@@ -34,8 +34,10 @@ def np_advantages(rewards, g, scale, eps=1e-4):
     return adv.reshape(-1)
 
 
-def np_token_loss(logp, old, adv, eps_lo, eps_hi, beta=0.0, ref=None, delta=None):
+def np_token_loss(logp, old, adv, eps_lo, eps_hi, beta=0.0, ref=None, delta=None,
+                  correct_kl=True):
     c1 = np.exp(logp - old)
+    ratio = c1
     c2 = np.clip(c1, 1 - eps_lo, 1 + eps_hi)
     if delta is not None:
         c1 = np.minimum(c1, delta)
@@ -43,7 +45,7 @@ def np_token_loss(logp, old, adv, eps_lo, eps_hi, beta=0.0, ref=None, delta=None
     loss = -np.minimum(c1 * a, c2 * a)
     if beta:
         x = ref - logp
-        loss = loss + beta * (np.exp(x) - x - 1)
+        loss = loss + beta * (np.exp(x) - x - 1) * (ratio if correct_kl else 1.0)
     return loss
 
 

@@ -71,8 +71,12 @@ def test_grpo_step_on_8_devices_equals_1_device():
     (p1, m1), (p8, m8) = results
     np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(m1["kl"], m8["kl"], rtol=1e-5)
+    np.testing.assert_allclose(m1["grad_norm"], m8["grad_norm"], rtol=1e-5)
+    # Adam divides each gradient entry by its own magnitude, so an entry near 0 (the
+    # bias-corrected KL cancels some) turns float32 reduction-order noise into up to
+    # ~0.2% of one lr=1e-2 update: atol 3e-5 allows that, not a wrong update.
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+        np.testing.assert_allclose(a, b, atol=3e-5, rtol=1e-4)
 
 
 def _small_grpo(workdir, **over):
