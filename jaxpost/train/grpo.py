@@ -30,6 +30,7 @@ from jaxpost.eval.generation import pad_prompts
 from jaxpost.models import ModelConfig, param_logical_axes
 from jaxpost.optim import OptimizerConfig
 from jaxpost.rl import grpo as G
+from jaxpost.rl.advantages import estimate_advantages
 from jaxpost.rl.rewards import RewardSet, require_some_reward, resolve_reward, reward_metrics
 from jaxpost.rl.rollout import build_rows, completion_logprobs
 from jaxpost.sampling import Sampler, SamplingConfig
@@ -71,6 +72,7 @@ class GRPOSection:
     delta: float = 0.0  # two-sided clip cap on the ratio for negative advantages (0: off; INTELLECT-2)
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"  # token aggregation (see jaxpost.rl.grpo)
     scale_rewards: Literal["group", "batch", "none"] = "group"  # advantage std normalisation (none: Dr. GRPO)
+    advantage_estimator: Literal["grpo", "rloo"] = "grpo"  # jaxpost.rl.advantages: group mean baseline, or RLOO's leave-one-out mean (Ahmadian et al. 2024; TRL RLOOTrainer, whose default is scale_rewards="none")
     num_iterations: int = 1  # mu: optimizer steps per rollout batch
     mask_truncated_completions: bool = False  # DAPO overlong filtering: no loss on truncated rows
     old_logprobs: Literal["recompute", "sampler"] = "recompute"  # mu > 1: old policy from a forward pass or the sampler
@@ -218,8 +220,9 @@ class GRPOTask:
         columns["truncated"] = [bool(x) for x in out.truncated]
         total, per_fn = self.rewards([r["prompt"] for r in rows], completions, columns)
         require_some_reward(total, per_fn, [r["prompt"] for r in rows], completions)
-        seq_adv, adv_stats = G.group_advantages(jnp.asarray(total, jnp.float32),
-                                                g.num_generations, g.scale_rewards)
+        seq_adv, adv_stats = estimate_advantages(
+            g.advantage_estimator, jnp.asarray(total, jnp.float32), None,
+            group_size=g.num_generations, scale_rewards=g.scale_rewards)
         self._watch_zero_std(float(adv_stats["frac_reward_zero_std"]), per_fn)
         batch = build_rows(prompt_ids, out.tokens, out.lengths, width, self.tokenizer.pad_id)
         mask = batch["completion_mask"]

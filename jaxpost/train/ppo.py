@@ -57,6 +57,7 @@ from jaxpost.sampling import Sampler, SamplingConfig
 from jaxpost.train.common import (
     EvalSection,
     GenerationEval,
+    ParamsPlan,
     RecipeConfig,
     model_init,
     plan_params,
@@ -416,17 +417,16 @@ def _masked_mean(x, mask) -> float:
 
 
 # ------------------------------------------------------------------------------- train
-def train(cfg: PPOConfig):
-    """Runs (or resumes) a PPO recipe; returns the loop's result (an SFT warm-up first
-    when `init_sft_config` is set, as in GRPO)."""
-    model_section, warmup = _init_sft(cfg)
-    if warmup is not None and warmup.preempted:
-        log.warning("preempted during the SFT warm-up: run again with the same workdir to "
-                    "finish it, then PPO")
-        return warmup
+def params_plan(cfg: PPOConfig, model_cfg: ModelConfig, policy_init: Callable[[], Any],
+                mesh) -> ParamsPlan:
+    """The policy + value-head params of a PPO run under the recipe's freeze / LoRA keys.
+
+    The value head (a separate critic's head) trains unless a `freeze` pattern names it
+    (`score.` / `critic.score.`), also under LoRA and `trainable` rules, which otherwise
+    freeze what they do not name: a LoRA policy keeps a full value head. A separate
+    critic's trunk follows the same rules as the policy (names `critic.model.*`).
+    """
     p = cfg.ppo
-    tokenizer, mesh, model_cfg = setup(model_section, cfg.mesh, cfg.prompts.tokenizer)
-    policy_init, _, _ = model_init(model_section, model_cfg, mesh, cfg.seed)
     abstract = vh.value_param_shapes(model_cfg, p.value_model)
     shardings = vh.value_param_shardings(model_cfg, mesh, p.value_model)
     head_rng = jax.random.fold_in(jax.random.key(cfg.seed), 3)
@@ -436,19 +436,30 @@ def train(cfg: PPOConfig):
             model_cfg, policy, p.value_model, head_rng, p.value_head_init_std),
             out_shardings=shardings)(policy_init())
 
-    # The value head (and a separate critic's head) train unless `freeze` names them, also
-    # under LoRA and `trainable` rules (`keep`).
     keep = r"^score\." if p.value_model == "shared" else r"^critic\.score\."
-    plan = plan_params(cfg, model_cfg, init, abstract, shardings,
+    return plan_params(cfg, model_cfg, init, abstract, shardings,
                        vh.value_param_logical_axes(model_cfg, p.value_model), mesh,
                        extra_rules=Rules(keep=((keep, "value head"),)))
+
+
+def train(cfg: PPOConfig):
+    """Runs (or resumes) a PPO recipe; returns the loop's result (an SFT warm-up first
+    when `init_sft_config` is set, as in GRPO)."""
+    model_section, warmup = _init_sft(cfg)
+    if warmup is not None and warmup.preempted:
+        log.warning("preempted during the SFT warm-up: run again with the same workdir to "
+                    "finish it, then PPO")
+        return warmup
+    tokenizer, mesh, model_cfg = setup(model_section, cfg.mesh, cfg.prompts.tokenizer)
+    plan = params_plan(cfg, model_cfg, model_init(model_section, model_cfg, mesh, cfg.seed)[0],
+                       mesh)
     full_reference = reference_params(plan)
     task = PPOTask(cfg, plan.model_cfg, tokenizer, mesh,
                    lambda state: vh.policy_params(full_reference(state)))
     return run_recipe(cfg, task, plan, mesh,
-                      ppo={"policy": vh.POLICY, "value_model": p.value_model,
+                      ppo={"policy": vh.POLICY, "value_model": cfg.ppo.value_model,
                            "head": vh.HEAD, "critic": vh.CRITIC})
 
 
 __all__ = ["PPOConfig", "PPOSection", "PPOTask", "make_ppo_loss", "make_rollout_fn",
-           "rollout_advantages", "train"]
+           "params_plan", "rollout_advantages", "train"]
