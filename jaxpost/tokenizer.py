@@ -165,6 +165,12 @@ class Tokenizer(abc.ABC):
         """Whether sequences that are not chat-templated should start with BOS."""
         return self.bos_id is not None
 
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of special tokens (BOS/EOS/pad, chat-role markers, control pieces): the
+        ids `decode(..., skip_special_tokens=True)` drops. Gaze credit gives them nothing."""
+        return frozenset(i for i in (self.bos_id, self.eos_id) if i is not None)
+
     @abc.abstractmethod
     def id_to_token(self, token_id: int) -> str:
         """The token string of one id (special tokens as written in text, e.g. "<eos>")."""
@@ -307,6 +313,10 @@ class ByteTokenizer(Tokenizer):
         return self._special_to_id["<pad>"]
 
     @property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset(self._id_to_special)
+
+    @property
     def bos_id(self) -> int:
         return self._special_to_id["<bos>"]
 
@@ -422,6 +432,10 @@ class SentencePieceTokenizer(Tokenizer):
             if i >= 0:
                 return i
         return 0
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset(self._special_to_id.values())
 
     def id_to_token(self, token_id: int) -> str:
         if not 0 <= token_id < self.vocab_size:
@@ -575,6 +589,11 @@ class HFTokenizer(Tokenizer):
             if i is not None:
                 return i
         return 0
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        declared = (self._bos, self._eos, self._pad)
+        return frozenset(self._special_ids) | {i for i in declared if i is not None}
 
     @property
     def bos_token(self) -> str | None:

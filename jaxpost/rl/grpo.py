@@ -10,7 +10,8 @@ compared one to one:
 - `group_advantages`: `A = r - mean_group(r)`, optionally divided by an unbiased
   (ddof = 1) group or batch std plus `1e-4`.
 - `token_advantages`: a sequence advantage broadcast over its completion tokens, or
-  weighted per token by a pluggable `credit` (gaze weights, for example).
+  spread by per-token credit weights (gaze, for example; the host-side interface that
+  produces them is `jaxpost.rl.credit`) as weights or as a reward-to-go.
 - `per_token_loss`: `-min(rho * A, clip(rho, 1 - eps, 1 + eps_high) * A)` with an optional
   `delta` cap on `rho` and an optional `beta`-weighted k3 KL to a reference policy.
 - `aggregate`: per-token losses -> a `(loss_sum, count)` pair for `jaxpost.train.step`,
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -131,51 +131,69 @@ def _nan_mean_std(x: jax.Array, valid: jax.Array, axis: int) -> tuple[jax.Array,
     return mean, jnp.where(cnt >= 2, jnp.sqrt(var), 0.0)
 
 
-#: `credit(seq_advantages [N], completion_mask [N, T]) -> weights [N, T]`.
-CreditFn = Callable[[jax.Array, jax.Array], jax.Array]
+#: Values of `token_advantages(mode=...)` (the recipe key `token_credit_mode`).
+CREDIT_MODES = ("weighted", "reward_to_go")
 
 
 def token_advantages(seq_advantages: jax.Array, completion_mask: jax.Array,
-                     credit: Union[CreditFn, jax.Array, None] = None) -> jax.Array:
+                     credit: jax.Array | None = None, mode: str = "weighted") -> jax.Array:
     """Per-token advantages: the sequence advantage spread over its completion tokens.
 
-    The credit contract (what a token-level credit scheme, e.g. gaze weights, plugs in):
-    `credit` is either a float `[N, T]` array of non-negative per-token weights or a
-    function `credit(seq_advantages [N], completion_mask [N, T]) -> weights [N, T]`, and
-    the result is `A[i] * w[i, t] * mask[i, t]`. The weights of each row must have masked
-    mean 1 (`sum_t w m / sum_t m == 1`, see `normalize_credit`): then the sequence's total
-    advantage mass, and the scale of the loss, equal those of plain GRPO and only its
-    distribution over tokens changes. Weights on masked positions are ignored. This
-    function does not renormalise (a mistake would hide). The function form is called
-    wherever `token_advantages` runs, possibly inside jit, so it must be traceable. Schemes that are additive rather than
-    multiplicative (TEMPO's `z_i + lambda * delta_{i,t}`) compute their own `[N, T]`
+    `credit` is a float `[N, T]` array of non-negative per-token weights (what a
+    token-credit function returns, `jaxpost.rl.credit`; only each row's shape matters,
+    it is normalised here; a row whose valid weights sum to 0 counts as uniform), or None
+    (uniform). `mode` says how weights and the sequence advantage `A_i` become `A_{i,t}`:
+
+    - `"weighted"` (default): `A_{i,t} = A_i * w~_{i,t}` with `w~` rescaled to masked mean
+      1 (`normalize_credit`). The row's total advantage mass, and so the loss scale, stay
+      those of plain GRPO; only the distribution over tokens changes. Uniform credit is
+      plain GRPO.
+    - `"reward_to_go"`: the advantage is spread as a token reward `a_{i,t} = A_i * p_{i,t}`
+      with `p` rescaled to sum 1 over valid tokens (GazeDistrib applied to `A_i`), then
+      `A_{i,t} = sum_{k >= t} a_{i,k}`. Equivalently the return-to-go of the
+      GazeDistrib rewards of `R_i`, normalised with the group statistics of R (the group
+      mean spread with the same weights as the baseline): `(G_{i,t} - mu_g F_{i,t}) /
+      (sigma_g + eps)`, `F_{i,t} = sum_{k >= t} p_{i,k}` (ALGORITHMS.md 2.2's proposal
+      [U]). The first token gets `A_i`, later tokens the part of it not yet "spent", so
+      the mean magnitude is below plain GRPO's.
+
+    Masked positions get 0. Traceable (callable inside jit; `mode` must be a Python str).
+    Additive schemes (TEMPO's `z_i + lambda * delta_{i,t}`) compute their own `[N, T]`
     advantages and pass them straight to `per_token_loss`.
 
     Args:
         seq_advantages: float `[N]` (from `group_advantages`).
         completion_mask: `[N, T]`, 1 on completion tokens in the loss.
-        credit: None (broadcast: every token of row i gets `A[i]`), weights, or a function.
+        credit: None or non-negative weights `[N, T]`.
+        mode: one of `CREDIT_MODES`.
 
     Returns:
         float32 `[N, T]`, zero where the mask is 0.
 
     Raises:
-        ValueError: if shapes disagree.
+        ValueError: if shapes disagree or `mode` is unknown.
     """
+    if mode not in CREDIT_MODES:
+        raise ValueError(f"token credit mode {mode!r}; expected one of {CREDIT_MODES}")
     adv = jnp.asarray(seq_advantages, jnp.float32)
     mask = jnp.asarray(completion_mask).astype(jnp.float32)
     if adv.ndim != 1 or mask.ndim != 2 or mask.shape[0] != adv.shape[0]:
         raise ValueError(f"expected seq_advantages [N] and completion_mask [N, T], got "
                          f"{adv.shape} and {mask.shape}")
-    out = adv[:, None] * mask
     if credit is None:
-        return out
-    weights = credit(adv, mask) if callable(credit) else credit
-    weights = jnp.asarray(weights, jnp.float32)
+        if mode == "weighted":
+            return adv[:, None] * mask
+        credit = mask
+    weights = jnp.asarray(credit, jnp.float32)
     if weights.shape != mask.shape:
         raise ValueError(f"credit weights have shape {weights.shape}; expected the "
                          f"completion_mask shape {mask.shape}")
-    return jnp.where(mask > 0, out * weights, 0.0)
+    w = normalize_credit(weights, mask)
+    if mode == "weighted":
+        return jnp.where(mask > 0, adv[:, None] * w, 0.0)
+    p = w / jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1.0)  # sums to 1 per row
+    remaining = jnp.flip(jnp.cumsum(jnp.flip(p, -1), axis=-1), -1)
+    return jnp.where(mask > 0, adv[:, None] * remaining, 0.0)
 
 
 def normalize_credit(weights: jax.Array, mask: jax.Array) -> jax.Array:

@@ -30,6 +30,7 @@ TRAINERS = {
     "grpo": ("jaxpost.train.grpo", "GRPOConfig", "train"),
     "ppo": ("jaxpost.train.ppo", "PPOConfig", "train"),
     "reward_model": ("jaxpost.train.reward_model", "RewardModelConfig", "train"),
+    "gaze_predictor": ("jaxpost.train.gaze_predictor", "GazePredictorConfig", "train"),
 }
 
 

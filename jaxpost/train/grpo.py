@@ -31,7 +31,8 @@ from jaxpost.models import ModelConfig, param_logical_axes
 from jaxpost.optim import OptimizerConfig
 from jaxpost.rl import grpo as G
 from jaxpost.rl.advantages import estimate_advantages
-from jaxpost.rl.rewards import RewardSet, require_some_reward, resolve_reward, reward_metrics
+from jaxpost.rl.credit import resolve_token_credit, token_credit_weights
+from jaxpost.rl.rewards import RewardSet, require_some_reward, reward_metrics
 from jaxpost.rl.rollout import build_rows, completion_logprobs
 from jaxpost.sampling import Sampler, SamplingConfig
 from jaxpost.train.common import (
@@ -104,7 +105,8 @@ class GRPOConfig(RecipeConfig):
     grpo: GRPOSection = GRPOSection()
     reward_fns: tuple[str, ...] = ("jaxpost.rl.rewards:exact_answer",)  # "pkg.module:function" or "pkg.module:factory(k=v)"
     reward_weights: tuple[float, ...] = ()  # one weight per reward function (empty: all 1.0)
-    token_credit: str = ""  # per-token credit, "pkg.module:fn" or "pkg.module:factory(k=v)" ("" = uniform)
+    token_credit: str = ""  # per-token credit weights (jaxpost.rl.credit), "pkg.module:fn" or "pkg.module:factory(k=v)", e.g. "jaxpost.rl.gaze:gaze_credit()" ("" = uniform)
+    token_credit_mode: Literal["weighted", "reward_to_go"] = "weighted"  # how credit weights and the sequence advantage make token advantages (jaxpost.rl.grpo.token_advantages)
     optimizer: OptimizerConfig = OptimizerConfig(lr=1e-6, schedule="constant")
     eval: EvalSection = EvalSection()
     init_sft_config: str = ""  # a recipe file: train it into WORKDIR/sft_init first when model.init_from is unset
@@ -177,9 +179,8 @@ class GRPOTask:
                                                  batch_size=g.prompts_per_step // procs,
                                                  seed=cfg.seed, chat=pr.chat)
         self.rewards = RewardSet(cfg.reward_fns, cfg.reward_weights or None)
-        # Token credit: fn(prompts, completions, completion_ids [N, C], mask [N, C]) ->
-        # weights [N, C], rescaled to masked mean 1 per row (the gaze issue plugs in here).
-        self.credit_fn = resolve_reward(cfg.token_credit)[1] if cfg.token_credit else None
+        # Token credit (jaxpost.rl.credit): per-token weights of each completion.
+        self.credit = resolve_token_credit(cfg.token_credit) if cfg.token_credit else None
         self.cfg, self.g, self.tokenizer, self.mesh = cfg, g, tokenizer, mesh
         self.loss_fn = make_grpo_loss(model_cfg, g)
         self.sampler = Sampler(model_cfg, mesh)
@@ -230,12 +231,13 @@ class GRPOTask:
             mask = mask * (~out.truncated)[:, None]
             batch["completion_mask"] = mask.astype(np.float32)
         credit = None
-        if self.credit_fn is not None:
-            credit = G.normalize_credit(jnp.asarray(self.credit_fn(
-                prompts=[r["prompt"] for r in rows], completions=completions,
-                completion_ids=out.tokens, mask=mask), jnp.float32), jnp.asarray(mask))
-        batch["advantages"] = np.asarray(
-            G.token_advantages(seq_adv, jnp.asarray(mask), credit), np.float32)
+        if self.credit is not None:
+            credit = token_credit_weights(
+                self.credit[1], self.credit[0], prompts=[r["prompt"] for r in rows],
+                completions=completions, completion_ids=out.tokens, mask=mask,
+                tokenizer=self.tokenizer, logprobs=out.logprobs, columns=columns)
+        batch["advantages"] = np.asarray(G.token_advantages(
+            seq_adv, jnp.asarray(mask), credit, self.cfg.token_credit_mode), np.float32)
         t_reward = time.perf_counter() - t0 - t_sample
 
         metrics = {**reward_metrics(total, per_fn),

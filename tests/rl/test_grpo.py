@@ -152,7 +152,7 @@ def test_token_advantages_broadcast_over_completion_tokens():
     np.testing.assert_allclose(out, np.asarray(adv)[:, None] * mask)
 
 
-def test_token_advantages_credit_array_and_function():
+def test_token_advantages_weighted_credit_normalises_to_masked_mean_one():
     mask = _uneven_mask(4, 6)
     adv = jnp.array([1.0, -2.0, 0.5, 3.0])
     raw = np.random.default_rng(0).uniform(0.1, 2.0, mask.shape).astype(np.float32)
@@ -161,17 +161,40 @@ def test_token_advantages_credit_array_and_function():
     rows = mask.sum(1) > 0
     np.testing.assert_allclose((np.asarray(w) * mask).sum(1)[rows] / mask.sum(1)[rows], 1.0,
                                rtol=1e-6)
-    out_array = grpo.token_advantages(adv, mask, w)
-    np.testing.assert_allclose(out_array, np.asarray(adv)[:, None] * np.asarray(w) * mask,
+    out = grpo.token_advantages(adv, mask, raw)  # the raw scale does not matter
+    np.testing.assert_allclose(out, np.asarray(adv)[:, None] * np.asarray(w) * mask,
                                rtol=1e-6)
-    # Total advantage mass per row is unchanged by a normalised credit.
-    np.testing.assert_allclose(np.asarray(out_array).sum(1),
-                               np.asarray(adv) * mask.sum(1), rtol=1e-5)
-    fn = lambda a, m: grpo.normalize_credit(jnp.asarray(raw), m)  # noqa: E731
-    out_fn = jax.jit(lambda a, m: grpo.token_advantages(a, m, fn))(adv, jnp.asarray(mask))
-    np.testing.assert_allclose(out_fn, out_array, rtol=1e-6)
+    np.testing.assert_allclose(grpo.token_advantages(adv, mask, 7.0 * raw), out, rtol=1e-5)
+    # Total advantage mass per row is that of plain GRPO.
+    np.testing.assert_allclose(np.asarray(out).sum(1), np.asarray(adv) * mask.sum(1),
+                               rtol=1e-5)
+    jitted = jax.jit(lambda a, m, c: grpo.token_advantages(a, m, c))(adv, mask, raw)
+    np.testing.assert_allclose(jitted, out, rtol=1e-6)
     with pytest.raises(ValueError, match="credit weights have shape"):
         grpo.token_advantages(adv, mask, jnp.ones((4, 5)))
+    with pytest.raises(ValueError, match="token credit mode 'gaze'"):
+        grpo.token_advantages(adv, mask, raw, mode="gaze")
+
+
+def test_token_advantages_reward_to_go_matches_numpy_return_to_go():
+    mask = _uneven_mask(4, 6)
+    adv = np.array([1.0, -2.0, 0.5, 3.0], np.float32)
+    raw = np.random.default_rng(1).uniform(0.1, 2.0, mask.shape).astype(np.float32)
+    out = np.asarray(grpo.token_advantages(adv, mask, raw, mode="reward_to_go"))
+    for i in range(4):
+        n = int(mask[i].sum())
+        if n == 0:
+            np.testing.assert_array_equal(out[i], 0.0)
+            continue
+        p = raw[i, :n] / raw[i, :n].sum()
+        ref = adv[i] * np.cumsum(p[::-1])[::-1]  # return-to-go of the spread advantage
+        np.testing.assert_allclose(out[i, :n], ref, rtol=1e-5)
+        np.testing.assert_allclose(out[i, 0], adv[i], rtol=1e-5)  # the first token: A_i
+        np.testing.assert_array_equal(out[i, n:], 0.0)
+    # Without credit, reward-to-go spreads uniformly: A_i * (n - t) / n.
+    uni = np.asarray(grpo.token_advantages(adv, mask, None, mode="reward_to_go"))
+    n0 = int(mask[0].sum())
+    np.testing.assert_allclose(uni[0, :n0], adv[0] * (n0 - np.arange(n0)) / n0, rtol=1e-6)
 
 
 def test_normalize_credit_zero_row_falls_back_to_uniform():
