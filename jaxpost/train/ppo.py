@@ -250,6 +250,23 @@ def rollout_advantages(scores: jax.Array, old_logp: jax.Array, ref_logp: jax.Arr
     return out
 
 
+def gaze_score_tokens(predictor, tokenizer, completion_ids: np.ndarray, scores: np.ndarray,
+                      mask: np.ndarray, p: PPOSection) -> np.ndarray:
+    """GazeDistrib: each row's score spread over its tokens by predicted reading time,
+    `[N, T]` (`jaxpost.rl.gaze.distribute_reward` of `jaxpost.rl.gaze.reading_times`; rows
+    without tokens get 0). Each row sums to its score."""
+    from jaxpost.rl import gaze  # lazy: only gaze-distributed runs need it
+
+    times = gaze.reading_times(predictor, tokenizer, completion_ids, mask, p.gaze_feature)
+    keep = mask.sum(-1) > 0
+    out = np.zeros(mask.shape, np.float32)
+    if keep.any():
+        out[keep] = np.asarray(gaze.distribute_reward(
+            scores[keep], times[keep], mask[keep], p.gaze_temperature,
+            standardize_times=p.gaze_standardize))
+    return out
+
+
 # ------------------------------------------------------------------------------- task
 class PPOTask:
     """Rollouts with the current policy, each feeding `num_ppo_epochs x num_mini_batches`
@@ -282,11 +299,14 @@ class PPOTask:
         self.reference = reference  # state -> the starting policy's params (KL anchor)
         if p.kl_coef > 0 and reference is None:
             raise ValueError("ppo.kl_coef > 0 needs a reference policy (train() builds it)")
-        self.gaze = None
+        self.gaze = None  # the reading-time predictor of GazeDistrib
         if p.gaze_predictor:
             from jaxpost.rl import gaze  # lazy: only gaze-distributed runs need it
 
-            self.gaze = gaze, gaze.load_predictor(p.gaze_predictor)
+            self.gaze = gaze.load_predictor(p.gaze_predictor)
+            if p.gaze_feature not in self.gaze.features:
+                raise ValueError(f"ppo.gaze_feature={p.gaze_feature!r} is not predicted by "
+                                 f"{self.gaze!r} (it predicts {self.gaze.features})")
         self.evaluator = GenerationEval(cfg.eval, model_cfg, tokenizer, mesh, cfg.seed)
         self.beta = float(p.kl_coef)  # the KL controller's coefficient (data state)
         self._batch, self._metrics, self._uses = None, {}, 0
@@ -324,15 +344,8 @@ class PPOTask:
         scores = np.nan_to_num(np.asarray(total, np.float32))
         score_tokens = None
         if self.gaze is not None:
-            gaze, predictor = self.gaze
-            times = gaze.reading_times(predictor, self.tokenizer, out.tokens, mask,
-                                       p.gaze_feature)
-            keep = mask.sum(-1) > 0
-            score_tokens = np.zeros(mask.shape, np.float32)
-            if keep.any():
-                score_tokens[keep] = np.asarray(gaze.distribute_reward(
-                    scores[keep], times[keep], mask[keep], p.gaze_temperature,
-                    standardize_times=p.gaze_standardize))
+            score_tokens = gaze_score_tokens(self.gaze, self.tokenizer, out.tokens, scores,
+                                             mask, p)
         t_reward = time.perf_counter() - t0 - t_sample
 
         t1 = time.perf_counter()
@@ -461,5 +474,6 @@ def train(cfg: PPOConfig):
                            "head": vh.HEAD, "critic": vh.CRITIC})
 
 
-__all__ = ["PPOConfig", "PPOSection", "PPOTask", "make_ppo_loss", "make_rollout_fn",
+__all__ = ["PPOConfig", "PPOSection", "PPOTask", "gaze_score_tokens", "make_ppo_loss",
+           "make_rollout_fn",
            "params_plan", "rollout_advantages", "train"]

@@ -205,3 +205,30 @@ def test_rloo_grpo_runs_end_to_end_with_the_leave_one_out_baseline(tmp_path, mon
         want = g - (g.sum(1, keepdims=True) - g) / 3
         np.testing.assert_allclose(adv, want.reshape(-1), rtol=1e-5, atol=1e-6)
         assert np.any(adv != 0)
+
+
+# ---------------------------------------------------------------------------- GazeDistrib
+def test_gaze_distributed_scores_sum_to_the_score_and_favour_long_rare_words():
+    from jaxpost.data.mention import TOKENIZER_DIR
+    from jaxpost.rl.gaze import PsycholinguisticPredictor
+    from jaxpost.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(TOKENIZER_DIR)
+    texts = ["the old elephant sat near the violin.", "a big falcon hid."]
+    ids = [tok.encode(t) for t in texts]
+    width = max(map(len, ids)) + 2
+    completion = np.zeros((2, width), np.int32)
+    mask = np.zeros((2, width), np.float32)
+    for i, row in enumerate(ids):
+        completion[i, :len(row)] = row
+        mask[i, :len(row)] = 1
+    scores = np.array([2.0, -1.0], np.float32)
+    p = PPOSection(gaze_predictor="psycholinguistic", gaze_standardize=True)
+    out = ppo_train.gaze_score_tokens(PsycholinguisticPredictor(), tok, completion, scores,
+                                      mask, p)
+    chex.assert_shape(out, mask.shape)
+    np.testing.assert_allclose(out.sum(1), scores, rtol=1e-5)
+    np.testing.assert_array_equal(out[mask == 0], 0.0)
+    words = [tok.decode([t]).strip() for t in ids[0]]
+    share = dict(zip(words, out[0, :len(ids[0])]))
+    assert share["elephant"] > max(share["the"], share["old"], share["sat"]), share
