@@ -22,6 +22,8 @@ Three outputs, picked by the run and `--peft`:
   (HF logits + that bias = jaxpost's scores), with a warning when it is non-zero. LoRA
   reward models are exported merged only. The backbone's `lm_head`, which a reward model
   keeps but never uses, is not written.
+- PPO runs (params `{"model": policy, "score": value head}` or with a separate
+  `"critic"`): the policy, merged or `--peft` as above; the value model is not exported.
 
 Errors (no checkpoint, `--peft` without adapters, ...) exit with status 2 and one line
 naming the workdir and step.
@@ -135,6 +137,9 @@ def export_run(workdir: str, out: str, step: int | None = None,
             others = [s for s in run.all_steps() if s != step]
             raise fail(f"refusing to export non-finite parameters: {'; '.join(nonfinite)}; "
                        f"export another step with --step (checkpoints: {others})")
+    if "ppo" in metadata:  # a PPO run: export its policy; the value head stays behind
+        params = params[metadata["ppo"]["policy"]]
+        trainable = (trainable or {}).get(metadata["ppo"]["policy"])
     adapters = lora.has_adapters(params)
     plain_cfg = cfg.replace(lora_scale=0.0, lora_dropout=0.0)
 

@@ -80,11 +80,14 @@ _HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias"
 #: Top-level params keys of a reward model (see `jaxpost.rl.reward_model`) and of its
 #: GazeReward part (`jaxpost.rl.gaze_reward`).
 _RM_BACKBONE, _RM_HEAD, _RM_GAZE = "model", "score", "gaze"
+_CRITIC = "critic"  # a PPO run's separate value model: {"model", "score"} under "critic"
 
 
 def is_stacked(path: Sequence[str]) -> bool:
     """Whether the params leaf at `path` is stacked on a leading `layers` axis."""
     path = tuple(path)
+    if path[:1] == (_CRITIC,):
+        path = path[1:]
     if path[:1] == (_RM_BACKBONE,):
         path = path[1:]
     return path[:1] == ("layers",)
@@ -99,9 +102,13 @@ def hf_name(path: Sequence[str], layer: int | None = None) -> str:
     (`("model", ...)`) maps like a plain model and its head to `score.weight`/`score.bias`
     (HF's sequence-classification names), its gaze part to `gaze.projector.fc1.weight`,
     `gaze.separators`, ...; LoRA leaves `lora_a`/`lora_b` map to PEFT's
-    `...q_proj.lora_A.weight` / `lora_B.weight`.
+    `...q_proj.lora_A.weight` / `lora_B.weight`. A PPO run's separate critic
+    (`("critic", "model" | "score", ...)`) gets the same names behind `critic.`
+    (`critic.model.layers.3.mlp.up_proj.weight`, `critic.score.weight`).
     """
     path = tuple(str(k) for k in path)
+    if path[:1] == (_CRITIC,):
+        return f"{_CRITIC}.{hf_name(path[1:], layer)}"
     if path[:1] == (_RM_HEAD,):
         return f"score.{_HF_LEAF.get(path[-1], path[-1])}"
     if path[:1] == (_RM_GAZE,):

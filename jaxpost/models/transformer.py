@@ -105,6 +105,8 @@ class Transformer(nn.Module):
         `cache.index` and returns `(logits, new_cache)`.
       return_hidden: return the final normed hidden states [B, T, hidden] instead of
         logits (reward and value heads).
+      with_hidden: return `(logits, hidden)`, both from this one pass (a policy with a
+        value head on its trunk: PPO). With a cache: `((logits, hidden), new_cache)`.
       last_only: compute the output at the last position only: logits [B, vocab] (or
         hidden [B, hidden]). A prefill needs just the next-token logits, and the
         full-vocabulary head over every prompt position is the most expensive matmul of
@@ -123,10 +125,13 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
-                 *, return_hidden: bool = False, last_only: bool = False,
-                 inputs_embeds: jax.Array | None = None):
+                 *, return_hidden: bool = False, with_hidden: bool = False,
+                 last_only: bool = False, inputs_embeds: jax.Array | None = None):
         cfg = self.cfg
         check_layer_layout(self.layer_params, "Transformer")
+        if return_hidden and with_hidden:
+            raise ValueError("Transformer: pass return_hidden (hidden only) or with_hidden "
+                             "((logits, hidden)), not both")
         if cache is not None and cache.layer_params != self.layer_params:
             raise ValueError(
                 f"Transformer(layer_params={self.layer_params!r}) got a KVCache in the "
@@ -205,6 +210,8 @@ class Transformer(nn.Module):
                 out = out.astype(jnp.float32)
             out = constrain(out, ("activation_batch",) + (() if last_only else (
                 "activation_length",)) + ("activation_vocab",))
+            if with_hidden:
+                out = (out, x)
         if cache is None:
             return out
         new_cache = KVCache(k=new_k, v=new_v, key_mask=key_mask, index=index + t)

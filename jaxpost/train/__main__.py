@@ -28,6 +28,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file (configs/
 TRAINERS = {
     "sft": ("jaxpost.train.sft", "SFTConfig", "train"),
     "grpo": ("jaxpost.train.grpo", "GRPOConfig", "train"),
+    "ppo": ("jaxpost.train.ppo", "PPOConfig", "train"),
     "reward_model": ("jaxpost.train.reward_model", "RewardModelConfig", "train"),
     "gaze_predictor": ("jaxpost.train.gaze_predictor", "GazePredictorConfig", "train"),
 }

@@ -33,6 +33,7 @@ from jaxpost.models import ModelConfig, param_logical_axes
 from jaxpost.optim import OptimizerConfig
 from jaxpost.peft import partition
 from jaxpost.rl import grpo as G
+from jaxpost.rl.advantages import estimate_advantages
 from jaxpost.rl.credit import resolve_token_credit, token_credit_weights
 from jaxpost.rl.rewards import RewardSet, require_some_reward, reward_metrics
 from jaxpost.rl.rollout import build_rows, completion_logprobs
@@ -95,6 +96,7 @@ class GRPOSection:
     ref_model_mixup_alpha: float = 0.6  # TR-DPO alpha
     ref_model_sync_steps: int = 512  # TR-DPO tau: optimizer steps between syncs
     scale_rewards: Literal["group", "batch", "none"] = "group"  # advantage std normalisation (none: Dr. GRPO)
+    advantage_estimator: Literal["grpo", "rloo"] = "grpo"  # jaxpost.rl.advantages: group mean baseline, or RLOO's leave-one-out mean (Ahmadian et al. 2024; TRL RLOOTrainer, whose default is scale_rewards="none")
     num_iterations: int = 1  # mu: optimizer steps per rollout batch
     mask_truncated_completions: bool = False  # DAPO overlong filtering: no loss on truncated rows
     old_logprobs: Literal["recompute", "sampler"] = "recompute"  # mu > 1: old policy from a forward pass or the sampler
@@ -336,8 +338,9 @@ class GRPOTask:
                             jnp.float32),
                 jnp.asarray(self.rewards.weights, jnp.float32), g.num_generations)
         else:
-            seq_adv, adv_stats = G.group_advantages(jnp.asarray(total, jnp.float32),
-                                                    g.num_generations, g.scale_rewards)
+            seq_adv, adv_stats = estimate_advantages(
+                g.advantage_estimator, jnp.asarray(total, jnp.float32), None,
+                group_size=g.num_generations, scale_rewards=g.scale_rewards)
         self._watch_zero_std(float(adv_stats["frac_reward_zero_std"]), per_fn)
         batch = build_rows(prompt_ids, out.tokens, out.lengths, width, self.tokenizer.pad_id)
         mask = batch["completion_mask"]
