@@ -228,7 +228,7 @@ def _is_reward_model_workdir(workdir: str) -> bool:
 
 def train(cfg: RewardModelConfig):
     """Runs (or resumes) a reward-model recipe; returns the loop's result."""
-    tokenizer, mesh, model_cfg = setup(cfg.model, cfg.mesh, cfg.data.tokenizer)
+    tokenizer, mesh, model_cfg = setup(cfg.model, cfg.mesh, cfg.data.tokenizer, cfg.distributed)
     backbone_init, _, _ = model_init(cfg.model, model_cfg, mesh, cfg.seed)
     abstract = rm.rm_param_shapes(model_cfg)
     shardings = rm.rm_param_shardings(model_cfg, mesh)

@@ -134,7 +134,7 @@ class SFTTask:
 
 def train(cfg: SFTConfig):
     """Runs (or resumes) an SFT recipe; returns the loop's result."""
-    tokenizer, mesh, model_cfg = setup(cfg.model, cfg.mesh, cfg.data.tokenizer)
+    tokenizer, mesh, model_cfg = setup(cfg.model, cfg.mesh, cfg.data.tokenizer, cfg.distributed)
     plan = plan_params(cfg, model_cfg, *model_init(cfg.model, model_cfg, mesh, cfg.seed),
                        param_logical_axes(model_cfg), mesh)
     task = SFTTask(cfg, plan.model_cfg, tokenizer, mesh)
