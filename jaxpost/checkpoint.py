@@ -328,7 +328,8 @@ class Checkpointer:
                 f"available steps: {steps}")
         return int(step)
 
-    def restore(self, step: int | None = None, target: Any = None) -> tuple[Any, dict | None]:
+    def restore(self, step: int | None = None, target: Any = None, *,
+                data_state: bool = True, host: bool = False) -> tuple[Any, dict | None]:
         """Restores `(state, data_state)` of `step` (default: the latest).
 
         Args:
@@ -340,6 +341,12 @@ class Checkpointer:
                 result has the target's tree structure (e.g. optax named tuples). Without
                 it, arrays come back with their saved shardings (same devices needed) and
                 containers as dicts/lists.
+            data_state: False: skip the data-iterator state (returned as None). The
+                state alone restores in any number of processes (readers, exports); the
+                data position exists per process of the run that wrote it.
+            host: without `target`: read every array into host memory (numpy), on no
+                device, so that a checkpoint of N processes (or other devices) reads
+                in one.
 
         Returns:
             The state pytree and this process' data-iterator state (None if none saved).
@@ -349,19 +356,24 @@ class Checkpointer:
         """
         step = self._resolve_step(step)
         target = None if target is None else abstract_target(target)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**{
-            _STATE: ocp.args.StandardRestore(target),
-            _DATA_STATE: PerProcessJsonRestore(),
-        }))
-        return restored[_STATE], restored[_DATA_STATE]
+        if target is None and host:
+            saved = ocp.StandardCheckpointHandler().metadata(self._directory / str(step) / _STATE)
+            target = jax.tree.map(lambda a: np.empty(a.shape, a.dtype), saved.tree)
+        items = {_STATE: ocp.args.StandardRestore(target)}
+        if data_state:
+            items[_DATA_STATE] = PerProcessJsonRestore()
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return restored[_STATE], restored[_DATA_STATE] if data_state else None
 
-    def restore_readable(self, target: Any = None, steps: Sequence[int] | None = None,
+    def restore_readable(self, target: Any = None, steps: Sequence[int] | None = None, *,
+                         data_state: bool = True, host: bool = False,
                          ) -> tuple[int, Any, dict | None, list[tuple[int, str]]]:
         """Restores the newest checkpoint that reads, trying `steps` newest first.
 
         Args:
             target: as in `restore`.
             steps: the steps to try (default: every complete checkpoint).
+            data_state, host: as in `restore`.
 
         Returns:
             `(step, state, data_state, skipped)`, `skipped` listing `(step, error)` of
@@ -379,7 +391,8 @@ class Checkpointer:
             error = None
             with _stderr_held() as discard:
                 try:
-                    state, data_state = self.restore(step, target=target)
+                    state, data = self.restore(step, target=target, data_state=data_state,
+                                               host=host)
                 except Exception as e:  # noqa: BLE001 - any failure to read makes it unusable
                     error = e
                     # orbax abandons the step's other reads: let them finish inside the
@@ -398,7 +411,7 @@ class Checkpointer:
             if skipped:
                 logging.warning("restored step %d from %s instead of the unreadable step(s) %s",
                                 step, self._directory, [s for s, _ in skipped])
-            return step, state, data_state, skipped
+            return step, state, data, skipped
         raise UnreadableCheckpointError(
             f"no checkpoint in {self._directory} restores: " + "; ".join(
                 f"step {s}: {why}" for s, why in skipped))
@@ -540,7 +553,8 @@ class RunCheckpoint:
         return model_config_from_metadata(self.metadata(), where=str(self.directory))
 
     def state(self) -> Any:
-        """The saved train state as nested dicts (arrays on their saved shardings).
+        """The saved train state as nested dicts of host (numpy) arrays: it reads in any
+        number of processes, whatever the run that wrote it had.
 
         Raises:
             UnreadableCheckpointError: the step (asked for explicitly) does not restore,
@@ -548,7 +562,7 @@ class RunCheckpoint:
         """
         if not self._fallback:
             try:
-                state, _ = self._ckpt.restore(self.step)
+                state, _ = self._ckpt.restore(self.step, data_state=False, host=True)
             except Exception as e:  # noqa: BLE001
                 others = [s for s in self._ckpt.all_steps() if s != self.step]
                 raise UnreadableCheckpointError(
@@ -556,7 +570,8 @@ class RunCheckpoint:
                     f"({error_summary(e)}); other steps: {others}") from None
             return state
         steps = [s for s in self._ckpt.all_steps() if s <= self.step]
-        step, state, _, skipped = self._ckpt.restore_readable(steps=steps)
+        step, state, _, skipped = self._ckpt.restore_readable(steps=steps, data_state=False,
+                                                              host=True)
         self.skipped += skipped
         self.step, self._fallback = step, False  # later calls read this step
         return state
@@ -583,8 +598,11 @@ class RunCheckpoint:
         if jax.tree.structure(params) != expected:
             raise ValueError(f"the params in {self.directory} (step {self.step}) do not match "
                              f"the model: {jax.tree.structure(params)} vs {expected}")
-        return jax.tree.map(lambda x, a, s: jax.device_put(x.astype(a.dtype), s),
-                            params, abstract_params, shardings)
+        # Each process places its own shards of the host arrays (no cross-process check).
+        return jax.tree.map(
+            lambda x, a, s: jax.make_array_from_callback(
+                a.shape, s, lambda index: np.asarray(x[index], a.dtype)),
+            params, abstract_params, shardings)
 
     def close(self) -> None:
         self._ckpt.close()
@@ -611,8 +629,15 @@ def open_run(workdir: str | os.PathLike, step: int | None = None) -> RunCheckpoi
 
 def latest_run_step(workdir: str | os.PathLike) -> int | None:
     """The latest complete checkpoint step of a workdir; None when it has none (or no
-    `checkpoints/` folder, which is not created)."""
-    if not checkpoint_dir(workdir).exists():
+    `checkpoints/` folder, which is not created). Collective under multi-host: every
+    process takes process 0's answer to "is there a folder?", since another process may
+    be creating it right now (and opening it is itself a collective)."""
+    exists = checkpoint_dir(workdir).exists()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        exists = bool(multihost_utils.broadcast_one_to_all(np.int32(exists)))
+    if not exists:
         return None
     with Checkpointer(checkpoint_dir(workdir), async_save=False) as ckpt:
         return ckpt.latest_step()

@@ -378,7 +378,7 @@ def _check_inputs(prompts, prompt_lengths) -> None:
             raise ValueError(f"{name} must be integers, got dtype {x.dtype}")
     if isinstance(prompt_lengths, jax.core.Tracer):
         return
-    lengths = np.asarray(prompt_lengths)
+    lengths = shd.local_rows(prompt_lengths)  # multi-host: this process's rows
     bad = np.flatnonzero((lengths < 1) | (lengths > prompts.shape[1]))
     if bad.size:
         raise ValueError(

@@ -152,6 +152,49 @@ def shard_batch(batch, mesh: Mesh, rules=DEFAULT_RULES):
     return jax.tree.map(put, batch)
 
 
+def local_rows(x) -> np.ndarray:
+    """This process's block of a global array (the inverse of `shard_batch`), on host.
+
+    The block is the box of the global array this process's devices hold: for a batch
+    made by `shard_batch` it is exactly the rows this process passed in. One process:
+    the whole array. Works on pytrees.
+    """
+    def get(a):
+        if not isinstance(a, jax.Array) or a.is_fully_addressable:
+            return np.asarray(a)
+        shards = a.addressable_shards
+        starts = [min(s.index[d].indices(a.shape[d])[0] for s in shards) for d in range(a.ndim)]
+        stops = [max(s.index[d].indices(a.shape[d])[1] for s in shards) for d in range(a.ndim)]
+        out = np.empty([b - s for s, b in zip(starts, stops)], a.dtype)
+        for s in shards:
+            box = tuple(slice(i.indices(n)[0] - o, i.indices(n)[1] - o)
+                        for i, n, o in zip(s.index, a.shape, starts))
+            out[box] = np.asarray(s.data)
+        return out
+    return jax.tree.map(get, x)
+
+
+def global_value(x) -> np.ndarray:
+    """The whole value of a (possibly multi-host) array on every host; a collective when
+    the array spans other processes' devices (all must call it). Works on pytrees."""
+    def get(a):
+        if not isinstance(a, jax.Array) or a.is_fully_addressable or a.is_fully_replicated:
+            return np.asarray(a)
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return jax.tree.map(get, x)
+
+
+def gather_processes(x) -> np.ndarray:
+    """Host arrays of every process concatenated along axis 0 in process order (the
+    same on all; a collective). One process: `x` itself. Works on pytrees."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, x)
+    from jax.experimental import multihost_utils
+    return jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(
+        np.asarray(a), tiled=True)), x)
+
+
 @contextlib.contextmanager
 def logical_rules(mesh: Mesh, rules=DEFAULT_RULES) -> Iterator[None]:
     """Activates the mesh and the rules for activation sharding constraints.

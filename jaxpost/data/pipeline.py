@@ -70,6 +70,7 @@ def record_dataset(
     num_epochs: int | None = None,
     shard_index: int | None = None,
     shard_count: int | None = None,
+    shard_block: int = 1,
 ):
     """Stages 1-2: a `grain.MapDataset` of this process's records, shuffled per epoch.
 
@@ -80,6 +81,8 @@ def record_dataset(
         num_epochs: passes over the data; None repeats forever.
         shard_index: this process's shard (default `jax.process_index()`).
         shard_count: number of shards (default `jax.process_count()`).
+        shard_block: shards take turns in blocks of this many consecutive positions
+            (1: position `i` goes to shard `i % shard_count`).
 
     Returns:
         `grain.MapDataset` of records.
@@ -91,9 +94,33 @@ def record_dataset(
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs)
+    if shard_block < 1:
+        raise ValueError(f"shard_block={shard_block} must be >= 1")
     if shard_count > 1:
-        ds = ds[shard_index::shard_count]
+        ds = (ds[shard_index::shard_count] if shard_block == 1
+              else _BlockShard(ds, shard_index, shard_count, shard_block))
     return ds
+
+
+class _BlockShard(grain.MapDataset):
+    """Shard `index` of `count`: blocks of `block` consecutive positions, dealt in turn."""
+
+    def __init__(self, parent, index: int, count: int, block: int):
+        super().__init__(parent)
+        self._index, self._count, self._block = index, count, block
+        self._length = len(parent) // (count * block) * block
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.slice(i)
+        turn, offset = divmod(i, self._block)
+        return self._parent[(turn * self._count + self._index) * self._block + offset]
+
+    def __str__(self) -> str:
+        return f"_BlockShard(index={self._index}, count={self._count}, block={self._block})"
 
 
 # --------------------------------------------------------------------------- counting stage

@@ -99,11 +99,12 @@ class PromptBatchIterator:
     def __init__(self, source: Any, tokenizer: Tokenizer, *, batch_size: int, seed: int,
                  shuffle: bool, num_epochs: int | None, shard_index: int | None,
                  shard_count: int | None, chat: bool, num_threads: int = 1,
-                 prefetch_buffer_size: int = 16):
+                 prefetch_buffer_size: int = 16, shard_block: int = 1):
         import grain
 
         ds = record_dataset(source, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                            shard_index=shard_index, shard_count=shard_count)
+                            shard_index=shard_index, shard_count=shard_count,
+                            shard_block=shard_block)
         ds = ds.map(_PromptMapper(tokenizer, chat)).to_iter_dataset(grain.ReadOptions(
             num_threads=num_threads,
             prefetch_buffer_size=prefetch_buffer_size if num_threads else 0))
@@ -139,6 +140,7 @@ def make_prompt_iterator(
     chat: bool = False,
     num_threads: int = 1,
     prefetch_buffer_size: int = 16,
+    shard_block: int = 1,
 ) -> PromptBatchIterator:
     """Streams batches of prompts (for GRPO rollouts or sampling-based eval).
 
@@ -154,6 +156,8 @@ def make_prompt_iterator(
         chat: wrap plain-text prompts as a user turn of the chat template.
         num_threads: reader threads rendering ahead (0: synchronous).
         prefetch_buffer_size: prompts rendered ahead.
+        shard_block: processes take turns in blocks of this many records (1: strided);
+            `batch_size` makes each global batch the processes' blocks in process order.
 
     Returns:
         `PromptBatchIterator` yielding lists of `batch_size` prompt dicts.
@@ -162,4 +166,5 @@ def make_prompt_iterator(
                                shuffle=shuffle, num_epochs=num_epochs,
                                shard_index=shard_index, shard_count=shard_count, chat=chat,
                                num_threads=num_threads,
-                               prefetch_buffer_size=prefetch_buffer_size)
+                               prefetch_buffer_size=prefetch_buffer_size,
+                               shard_block=shard_block)

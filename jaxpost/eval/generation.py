@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from jaxpost.sampling import Sampler, SamplingConfig
+from jaxpost.sharding import global_value
 from jaxpost.tokenizer import Tokenizer
 
 
@@ -41,7 +42,9 @@ def generate_texts(sampler: Sampler, params, tokenizer: Tokenizer,
         chunk = prompt_ids[start:start + batch_size]
         prompts, lengths = pad_prompts(chunk, tokenizer.pad_id, rows=batch_size, width=width)
         rng, key = jax.random.split(rng)
-        out = jax.device_get(sampler(params, prompts, lengths, key, sampling))
+        # Every process passes the same prompts; on several hosts the rows come back
+        # from all of them (a collective).
+        out = global_value(sampler(params, prompts, lengths, key, sampling))
         for i in range(len(chunk)):
             texts.append(tokenizer.decode(out.tokens[i, :out.lengths[i]].tolist()))
     return texts

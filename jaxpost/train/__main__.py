@@ -132,12 +132,19 @@ def main(argv):
         _fail(str(e))
     except OSError as e:  # ml_collections defers a recipe file it cannot read to here
         _fail(f"--config={_recipe_path(sys.argv)}: cannot load the recipe: {_last_line(e)}")
+    from jaxpost.distributed import initialize, is_primary
     from jaxpost.train.common import ConfigChangedError
 
+    # Multi-host: join the run first; then only process 0 logs at INFO and prints results.
+    initialize(cfg.distributed)
+    if not is_primary():
+        logging.getLogger("jaxpost").setLevel(logging.WARNING)
     try:
         result = train(cfg)
     except ConfigChangedError as e:  # resuming a workdir with other identity keys
         _fail(str(e))
+    if not is_primary():
+        return
     for k, v in sorted(result.eval_metrics.items()):
         print(f"{k}: {v:.4f}")
     if result.preempted:

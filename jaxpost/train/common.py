@@ -14,6 +14,7 @@ import jax
 from jaxpost import sharding as sh
 from jaxpost.checkpoint import latest_run_step, open_run, run_metadata
 from jaxpost.data import synthetic
+from jaxpost.distributed import DistributedConfig, initialize
 from jaxpost.eval.generation import generation_accuracy
 from jaxpost.models import ModelConfig, from_hf, init_params, param_shapes, preset
 from jaxpost.models.config import PRESETS
@@ -223,9 +224,15 @@ def params_of_run(workdir: str, step: int | None, abstract, shardings):
         return ckpt.restore_params(abstract, shardings)
 
 
-def setup(model: ModelSection, mesh_section: MeshSection, tokenizer_spec: str):
-    """(tokenizer, mesh, model_cfg) of a recipe; EOS/BOS default to the tokenizer's."""
+def setup(model: ModelSection, mesh_section: MeshSection, tokenizer_spec: str,
+          distributed: DistributedConfig = DistributedConfig()):
+    """(tokenizer, mesh, model_cfg) of a recipe; EOS/BOS default to the tokenizer's.
+
+    Joins the multi-host run `distributed` describes first (before any device is used);
+    the mesh then spans every process's devices."""
     from jaxpost.tokenizer import load_tokenizer
+
+    initialize(distributed)
 
     tokenizer = load_tokenizer(tokenizer_spec)
     mesh = make_mesh(mesh_section)
@@ -246,6 +253,7 @@ class RecipeConfig(LoopConfig):
     model: ModelSection = ModelSection()
     optimizer: OptimizerConfig = OptimizerConfig()
     mesh: MeshSection = MeshSection()
+    distributed: DistributedConfig = DistributedConfig()  # multi-host: jax.distributed.initialize's settings (all empty: one process)
     freeze: tuple[str, ...] = ()  # regexes searched in HF tensor names (model.layers.3.mlp.down_proj.weight): matching tensors are frozen
     trainable: tuple[str, ...] = ()  # if non-empty, tensors matching none of these are frozen (with LoRA: base tensors that train besides the adapters)
     freeze_preset: str = ""  # "mid_mlp(a,b)" (layers a..b-1), "qk_only", "attention_only", "mlp_only", "hft(seed)" (Half Fine-Tuning); see jaxpost.peft.freeze

@@ -28,6 +28,7 @@ import optax
 
 from jaxpost import data
 from jaxpost import sharding as sh
+from jaxpost.distributed import initialize
 from jaxpost.eval.generation import pad_prompts
 from jaxpost.models import ModelConfig, param_logical_axes
 from jaxpost.optim import OptimizerConfig
@@ -284,9 +285,12 @@ class GRPOTask:
                                   schema="prompt", skip_malformed=pr.skip_malformed,
                                   num_records=pr.num_records, seed=cfg.seed,
                                   skip_hint="pass --config.prompts.skip_malformed=True")
+        # Each process reads its contiguous block of every global batch: the rollout batch
+        # (and its sampling) is the same for any number of processes.
         self.prompts = data.make_prompt_iterator(source, tokenizer,
                                                  batch_size=g.prompts_per_step // procs,
-                                                 seed=cfg.seed, chat=pr.chat)
+                                                 seed=cfg.seed, chat=pr.chat,
+                                                 shard_block=g.prompts_per_step // procs)
         self.rewards = RewardSet(cfg.reward_fns, cfg.reward_weights or None)
         # Token credit (jaxpost.rl.credit): per-token weights of each completion.
         self.credit = resolve_token_credit(cfg.token_credit) if cfg.token_credit else None
@@ -321,7 +325,10 @@ class GRPOTask:
         width = g.max_prompt_length
         prompts, lengths = pad_prompts(prompt_ids, self.tokenizer.pad_id, width=width)
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1)
-        out = jax.device_get(self.sampler(state.params, prompts, lengths, rng, self.sampling))
+        # Multi-host: every process samples its own prompts' rows of one global batch.
+        mine = sh.shard_batch({"prompts": prompts, "lengths": lengths}, self.mesh)
+        out = sh.local_rows(self.sampler(state.params, mine["prompts"], mine["lengths"], rng,
+                                         self.sampling))
         t_sample = time.perf_counter() - t0
 
         completions = [self.tokenizer.decode(out.tokens[i, :out.lengths[i]].tolist(),
@@ -332,16 +339,22 @@ class GRPOTask:
         columns["truncated"] = [bool(x) for x in out.truncated]
         total, per_fn = self.rewards([r["prompt"] for r in rows], completions, columns)
         require_some_reward(total, per_fn, [r["prompt"] for r in rows], completions)
+        # Advantages and reward statistics over every process's rows (a group never spans
+        # processes; batch-scaled std does): this process keeps its own block.
+        everyone = sh.gather_processes({"total": total, "per_fn": per_fn, "lengths": out.lengths,
+                                        "truncated": out.truncated})
         if g.multi_objective_aggregation == "normalize_then_sum":
-            seq_adv, adv_stats = G.decoupled_advantages(
-                jnp.asarray(np.stack([per_fn[k] for k in self.rewards.names], axis=1),
-                            jnp.float32),
+            seq_adv_all, adv_stats = G.decoupled_advantages(
+                jnp.asarray(np.stack([everyone["per_fn"][k] for k in self.rewards.names],
+                                     axis=1), jnp.float32),
                 jnp.asarray(self.rewards.weights, jnp.float32), g.num_generations)
         else:
-            seq_adv, adv_stats = estimate_advantages(
-                g.advantage_estimator, jnp.asarray(total, jnp.float32), None,
+            seq_adv_all, adv_stats = estimate_advantages(
+                g.advantage_estimator, jnp.asarray(everyone["total"], jnp.float32), None,
                 group_size=g.num_generations, scale_rewards=g.scale_rewards)
-        self._watch_zero_std(float(adv_stats["frac_reward_zero_std"]), per_fn)
+        first = jax.process_index() * len(rows)
+        seq_adv = seq_adv_all[first:first + len(rows)]
+        self._watch_zero_std(float(adv_stats["frac_reward_zero_std"]), everyone["per_fn"])
         batch = build_rows(prompt_ids, out.tokens, out.lengths, width, self.tokenizer.pad_id)
         mask = batch["completion_mask"]
         if g.mask_truncated_completions:
@@ -357,11 +370,12 @@ class GRPOTask:
             seq_adv, jnp.asarray(mask), credit, self.cfg.token_credit_mode), np.float32)
         t_reward = time.perf_counter() - t0 - t_sample
 
-        metrics = {**reward_metrics(total, per_fn),
-                   "completion_length_mean": float(out.lengths.mean()),
-                   "completion_length_max": float(out.lengths.max()),
-                   "truncation_rate": float(out.truncated.mean()),
-                   "rollout_tokens_per_s": float(out.lengths.sum()) / max(t_sample, 1e-9),
+        lengths_all = everyone["lengths"]
+        metrics = {**reward_metrics(everyone["total"], everyone["per_fn"]),
+                   "completion_length_mean": float(lengths_all.mean()),
+                   "completion_length_max": float(lengths_all.max()),
+                   "truncation_rate": float(everyone["truncated"].mean()),
+                   "rollout_tokens_per_s": float(lengths_all.sum()) / max(t_sample, 1e-9),
                    "time_rollout_s": t_sample, "time_reward_s": t_reward}
         metrics.update({k: float(v) for k, v in adv_stats.items() if k != "reward_mean"})
 
@@ -376,14 +390,14 @@ class GRPOTask:
                 batch["old_logp"] = out.logprobs.astype(np.float32)
             else:
                 old = self.logprob_fn(state.params, placed)
-                batch["old_logp"] = np.asarray(jax.device_get(old))
+                batch["old_logp"] = sh.local_rows(old)
                 gap = np.abs(batch["old_logp"] - out.logprobs) * mask
                 metrics["sampler_logprob_gap"] = float(gap.sum() / max(mask.sum(), 1))
         metrics["time_old_logprobs_s"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         if g.beta > 0:
             ref = self.logprob_fn(self.reference(state), placed)
-            batch["ref_logp"] = np.asarray(jax.device_get(ref))
+            batch["ref_logp"] = sh.local_rows(ref)
         metrics["time_reference_s"] = time.perf_counter() - t2
         return batch, metrics
 
@@ -500,13 +514,15 @@ def train(cfg: GRPOConfig):
     first; if SIGTERM stops it, its result (`preempted`) is returned right after its
     checkpoint is saved and GRPO does not start: the next run finishes the warm-up.
     """
+    initialize(cfg.distributed)  # before the SFT warm-up touches a device
     model_section, warmup = sft_warmup(cfg)
     if warmup is not None and warmup.preempted:
         log.warning("preempted during the SFT warm-up: %s saved at step %d; run again "
                     "with the same workdir to finish the warm-up, then GRPO",
                     os.path.join(cfg.workdir, "sft_init"), int(warmup.state.step))
         return warmup
-    tokenizer, mesh, model_cfg = setup(model_section, cfg.mesh, cfg.prompts.tokenizer)
+    tokenizer, mesh, model_cfg = setup(model_section, cfg.mesh, cfg.prompts.tokenizer,
+                                       cfg.distributed)
     plan = plan_params(cfg, model_cfg, *model_init(model_section, model_cfg, mesh, cfg.seed),
                        param_logical_axes(model_cfg), mesh)
     g, wrap = cfg.grpo, None

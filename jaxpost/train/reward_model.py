@@ -310,7 +310,7 @@ def _reward_model_start(workdir: str, step: int | None, model_cfg, gaze: rm.Gaze
 
 def train(cfg: RewardModelConfig):
     """Runs (or resumes) a reward-model recipe; returns the loop's result."""
-    tokenizer, mesh, model_cfg = setup(cfg.model, cfg.mesh, cfg.data.tokenizer)
+    tokenizer, mesh, model_cfg = setup(cfg.model, cfg.mesh, cfg.data.tokenizer, cfg.distributed)
     backbone_init, _, _ = model_init(cfg.model, model_cfg, mesh, cfg.seed)
     gaze = cfg.gaze.spec()
     abstract = rm.rm_param_shapes(model_cfg, gaze)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from jaxpost import data
 from jaxpost import sharding as sh
+from jaxpost.distributed import initialize
 from jaxpost.models import ModelConfig, Transformer, param_logical_axes, token_logprobs
 from jaxpost.models.layers import dropout_rngs
 from jaxpost.peft.alignguard import AlignGuardConfig
@@ -160,13 +161,14 @@ def train(cfg: SFTConfig):
     first and this run starts from its params; if SIGTERM stops the warm-up, its result
     (`preempted`) is returned and this stage does not start.
     """
+    initialize(cfg.distributed)  # before the SFT warm-up touches a device
     model_section, warmup = sft_warmup(cfg)
     if warmup is not None and warmup.preempted:
         log.warning("preempted during the SFT warm-up: %s saved at step %d; run again "
                     "with the same workdir to finish it", model_section.init_from,
                     int(warmup.state.step))
         return warmup
-    tokenizer, mesh, model_cfg = setup(model_section, cfg.mesh, cfg.data.tokenizer)
+    tokenizer, mesh, model_cfg = setup(model_section, cfg.mesh, cfg.data.tokenizer, cfg.distributed)
     plan = plan_params(cfg, model_cfg, *model_init(model_section, model_cfg, mesh, cfg.seed),
                        param_logical_axes(model_cfg), mesh)
     task = SFTTask(cfg, plan.model_cfg, tokenizer, mesh)
