@@ -64,8 +64,10 @@ from jaxpost.train.common import (
     reference_params,
     run_recipe,
     setup,
+    sft_warmup,
 )
-from jaxpost.train.grpo import PromptSection, _init_sft, make_logprob_fn
+from jaxpost.distributed import initialize
+from jaxpost.train.grpo import PromptSection, make_logprob_fn
 
 log = logging.getLogger(__name__)
 
@@ -458,12 +460,14 @@ def params_plan(cfg: PPOConfig, model_cfg: ModelConfig, policy_init: Callable[[]
 def train(cfg: PPOConfig):
     """Runs (or resumes) a PPO recipe; returns the loop's result (an SFT warm-up first
     when `init_sft_config` is set, as in GRPO)."""
-    model_section, warmup = _init_sft(cfg)
+    initialize(cfg.distributed)  # before the SFT warm-up touches a device
+    model_section, warmup = sft_warmup(cfg)
     if warmup is not None and warmup.preempted:
         log.warning("preempted during the SFT warm-up: run again with the same workdir to "
                     "finish it, then PPO")
         return warmup
-    tokenizer, mesh, model_cfg = setup(model_section, cfg.mesh, cfg.prompts.tokenizer)
+    tokenizer, mesh, model_cfg = setup(model_section, cfg.mesh, cfg.prompts.tokenizer,
+                                       cfg.distributed)
     plan = params_plan(cfg, model_cfg, model_init(model_section, model_cfg, mesh, cfg.seed)[0],
                        mesh)
     full_reference = reference_params(plan)
