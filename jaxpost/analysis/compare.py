@@ -25,7 +25,12 @@ from typing import Any
 from jaxpost.analysis import intruders as intr
 from jaxpost.analysis import kl as klm
 from jaxpost.analysis import loading, report
-from jaxpost.analysis.weights import aggregate_rel, iter_tensors, module_sort_key, weight_change
+from jaxpost.analysis.weights import (
+    aggregate_rel,
+    iter_tensors,
+    module_sort_key,
+    weight_change,
+)
 
 WEIGHT_COLUMNS = ("checkpoint", "series", "step", "layer", "module", "abs", "rel", "rms",
                   "numel", "base_norm")
@@ -89,9 +94,10 @@ def _probe(opts: AnalysisOptions, cfg, params, tokenizer_spec: str | None) -> kl
         if tokenizer is None:
             raise ValueError(f"probe {opts.probe}: text probes need a tokenizer; the base "
                              "names none (pass --tokenizer)")
-        start = [bos] if bos is not None and tokenizer.add_bos else []
         for rec in records:
-            ids = start + tokenizer.encode(rec.get("text") or rec["prompt"])
+            ids = tokenizer.encode(rec.get("text") or rec["prompt"])
+            if bos is not None and tokenizer.add_bos and ids[:1] != [bos]:
+                ids = [bos] + ids  # unless the text starts with it (a chat template's BOS)
             (texts if rec.get("text") else prompts).append(ids)
     else:
         prompts = [[bos if bos is not None else 0]] * opts.probe_samples
@@ -362,6 +368,14 @@ def summary_markdown(base: str, res: AnalysisResult, opts: AnalysisOptions,
     return "\n".join(lines).rstrip() + "\n"
 
 
-__all__ = ["AnalysisOptions", "AnalysisResult", "INTRUDER_COLUMNS", "KL_COLUMNS",
-           "WEIGHT_COLUMNS", "analyze", "describe_checkpoint", "summary_markdown"]
+__all__ = [
+    "INTRUDER_COLUMNS",
+    "KL_COLUMNS",
+    "WEIGHT_COLUMNS",
+    "AnalysisOptions",
+    "AnalysisResult",
+    "analyze",
+    "describe_checkpoint",
+    "summary_markdown",
+]
 

@@ -105,5 +105,11 @@ def intruder_dimensions(w0, w, k: int = 10, epsilons: Sequence[float] = (0.5,),
                           tuple(shares))
 
 
-__all__ = ["IntruderResult", "SIDES", "intruder_dimensions", "max_cosines",
-           "max_cosines_to_basis", "singular_basis"]
+__all__ = [
+    "SIDES",
+    "IntruderResult",
+    "intruder_dimensions",
+    "max_cosines",
+    "max_cosines_to_basis",
+    "singular_basis",
+]

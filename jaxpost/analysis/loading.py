@@ -121,4 +121,4 @@ def check_same_architecture(base: ModelConfig, other: ModelConfig, label: str) -
             f"{k} {b[k]!r} (base {a[k]!r})" for k in diff))
 
 
-__all__ = ["HF", "ModelRef", "RUN", "check_same_architecture", "load", "resolve"]
+__all__ = ["HF", "RUN", "ModelRef", "check_same_architecture", "load", "resolve"]

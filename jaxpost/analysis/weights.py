@@ -79,11 +79,25 @@ def iter_tensors(params: Mapping) -> Iterator[Tensor]:
             yield Tensor(*module_of(hf_name(path)), leaf, is_kernel)
 
 
-@jax.jit
-def change_norms(w0: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(‖w − w0‖_F, ‖w0‖_F) in float32."""
+def change_norms(w0: jax.Array, w: jax.Array, axis=None) -> tuple[jax.Array, jax.Array]:
+    """(‖w − w0‖_F, ‖w0‖_F) in float32, over `axis` (None: the whole tensor)."""
     w0, w = jnp.asarray(w0, jnp.float32), jnp.asarray(w, jnp.float32)
-    return jnp.sqrt(jnp.sum(jnp.square(w - w0))), jnp.sqrt(jnp.sum(jnp.square(w0)))
+    return (jnp.sqrt(jnp.sum(jnp.square(w - w0), axis=axis)),
+            jnp.sqrt(jnp.sum(jnp.square(w0), axis=axis)))
+
+
+def _path(key_path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", k)) for k in key_path)
+
+
+@jax.jit
+def tree_change_norms(base: Mapping, tuned: Mapping) -> Any:
+    """`change_norms` of every leaf in one compiled program: per leaf a pair of arrays,
+    [L] for a stacked leaf (one value per layer), scalars otherwise."""
+    def leaf(key_path, w0, w):
+        axis = tuple(range(1, w0.ndim)) if is_stacked(_path(key_path)) else None
+        return change_norms(w0, w, axis)
+    return jax.tree_util.tree_map_with_path(leaf, base, tuned)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,22 +125,43 @@ def weight_change(base: Mapping, tuned: Mapping) -> list[Change]:
     Raises:
       ValueError: the trees hold different tensors or shapes (naming the first one).
     """
-    base_t = {(t.layer, t.module): t for t in iter_tensors(base)}
-    tuned_t = {(t.layer, t.module): t for t in iter_tensors(tuned)}
-    if base_t.keys() != tuned_t.keys():
-        only = sorted(set(base_t) ^ set(tuned_t), key=str)
-        raise ValueError(f"the models hold different tensors (first: layer {only[0][0]}, "
-                         f"module {only[0][1]}); compare checkpoints of one architecture")
+    shapes = [{_path(p): np.shape(x) for p, x in jax.tree_util.tree_flatten_with_path(t)[0]}
+              for t in (base, tuned)]
+    for shape in shapes:
+        for path in shape:
+            if path[-1] in _ADAPTER_LEAVES:
+                raise ValueError(f"params leaf {'/'.join(path)} is a LoRA adapter; analyse "
+                                 "merged weights (jaxpost.peft.lora.merge_adapters)")
+    if shapes[0].keys() != shapes[1].keys():
+        only = sorted(set(shapes[0]) ^ set(shapes[1]))
+        raise ValueError(f"the models hold different tensors (first: {'/'.join(only[0])}); "
+                         "compare checkpoints of one architecture")
+    for path, shape in shapes[0].items():
+        if shapes[1][path] != shape:
+            raise ValueError(f"params leaf {'/'.join(path)}: shape {shapes[1][path]} differs "
+                             f"from the base's {shape}")
+    norms = jax.device_get(tree_change_norms(base, tuned))
     out = []
-    for key, t0 in base_t.items():
-        t = tuned_t[key]
-        if np.shape(t0.value) != np.shape(t.value):
-            raise ValueError(f"layer {key[0]} module {key[1]}: shape {np.shape(t.value)} "
-                             f"differs from the base's {np.shape(t0.value)}")
-        d, b = (float(x) for x in change_norms(t0.value, t.value))
-        numel = int(np.prod(np.shape(t0.value)))
-        out.append(Change(key[0], key[1], d, _rel(d, b), d / math.sqrt(max(numel, 1)), b, numel))
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(
+            base, is_leaf=lambda x: not isinstance(x, Mapping))[0]:
+        path = _path(key_path)
+        d, b = _get(norms, path)
+        if is_stacked(path):
+            names = [hf_name(path, i) for i in range(np.shape(leaf)[0])]
+            numel = int(np.prod(np.shape(leaf)[1:]))
+        else:
+            names, d, b, numel = [hf_name(path)], [d], [b], int(np.prod(np.shape(leaf)))
+        for name, di, bi in zip(names, np.atleast_1d(d), np.atleast_1d(b)):
+            di, bi = float(di), float(bi)
+            out.append(Change(*module_of(name), di, _rel(di, bi),
+                              di / math.sqrt(max(numel, 1)), bi, numel))
     return out
+
+
+def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
+    for k in path:
+        tree = tree[k]
+    return tree
 
 
 def module_sort_key(module: str) -> tuple[int, str]:
@@ -150,5 +185,15 @@ def aggregate_rel(changes: list[Change], by_module: bool = True) -> dict[str, fl
             for m in sorted(num, key=module_sort_key)}
 
 
-__all__ = ["Change", "MODULE_ORDER", "Tensor", "aggregate_rel", "change_norms", "iter_tensors",
-           "module_of", "module_sort_key", "weight_change"]
+__all__ = [
+    "MODULE_ORDER",
+    "Change",
+    "Tensor",
+    "aggregate_rel",
+    "change_norms",
+    "iter_tensors",
+    "module_of",
+    "module_sort_key",
+    "tree_change_norms",
+    "weight_change",
+]

@@ -167,6 +167,18 @@ def fact_prompts(tokenizer: Tokenizer, num_entities: int = DEFAULT_ENTITIES
     return out
 
 
-__all__ = ["ATTRIBUTES", "DEFAULT_ENTITIES", "Fact", "FactsSpec", "TABLE_SEED", "entity_names",
-           "fact_prompts", "fact_record", "fact_table", "facts_source", "make_fact_records",
-           "make_records", "parse_spec"]
+__all__ = [
+    "ATTRIBUTES",
+    "DEFAULT_ENTITIES",
+    "TABLE_SEED",
+    "Fact",
+    "FactsSpec",
+    "entity_names",
+    "fact_prompts",
+    "fact_record",
+    "fact_table",
+    "facts_source",
+    "make_fact_records",
+    "make_records",
+    "parse_spec",
+]
