@@ -22,6 +22,16 @@ Three outputs, picked by the run and `--peft`:
   (HF logits + that bias = jaxpost's scores), with a warning when it is non-zero. LoRA
   reward models are exported merged only. The backbone's `lm_head`, which a reward model
   keeps but never uses, is not written.
+  A GazeReward model (`reward_model.gaze` in the metadata; `jaxpost.rl.gaze_reward`)
+  also gets a sidecar that `transformers` does not read: `gaze_projector.safetensors`
+  (the projector in PyTorch layout, `fc1.weight` [128, k], `fc2.weight` [hidden, 128],
+  `norm1`/`norm2` weight and bias, and for GazeConcat `separators` [2, hidden], the
+  `<eye/>`/`</eye>` rows, ids vocab_size and vocab_size + 1 of a table resized by two) and
+  `gaze_config.json` (mode, features, their scale, the predictor spec, dropout, LayerNorm
+  epsilon, separator ids). The HF folder alone is the trunk: it scores text *without*
+  gaze, which is not what was trained (a warning says so); scoring as trained means
+  feeding `inputs_embeds` = token embeddings + projector(features) (GazeAdd) or the
+  concatenated sequence (GazeConcat), as `jaxpost.rl.gaze_reward.gaze_inputs` does.
 - PPO runs (params `{"model": policy, "score": value head}` or with a separate
   `"critic"`): the policy, merged or `--peft` as above; the value model is not exported.
 
@@ -56,11 +66,14 @@ _PEFT = flags.DEFINE_bool(
     "peft", False, "Write a PEFT LoRA adapter folder (plus a base folder where needed) "
     "instead of the merged model.")
 
-__all__ = ["BASE_SUBDIR", "ExportError", "SCORE_BIAS_KEY", "export", "export_run",
+__all__ = ["BASE_SUBDIR", "ExportError", "GAZE_CONFIG_FILE", "GAZE_WEIGHTS_FILE",
+           "SCORE_BIAS_KEY", "export", "export_run",
            "model_config_from_metadata"]
 
 BASE_SUBDIR = "base"  # PATH/base: the base model a --peft export writes beside its adapter
 SCORE_BIAS_KEY = "jaxpost_score_bias"  # config.json key of a reward head's bias
+GAZE_WEIGHTS_FILE = "gaze_projector.safetensors"  # a GazeReward model's projector (sidecar)
+GAZE_CONFIG_FILE = "gaze_config.json"  # ... and how to apply it
 
 
 class ExportError(ValueError):
@@ -367,6 +380,48 @@ def _write_reward_model(cfg: ModelConfig, params: Mapping, metadata: Mapping, ou
               f"Linear has no bias): HF logits + {b:g} = jaxpost's scores (differences and "
               f"Bradley–Terry probabilities are unchanged); the bias is stored in "
               f"{CONFIG_FILE} as {SCORE_BIAS_KEY!r}", warnings)
+    gaze = info.get("gaze")
+    if gaze:
+        _write_gaze_sidecar(cfg, params, gaze, out, fail, warnings)
+
+
+def _write_gaze_sidecar(cfg: ModelConfig, params: Mapping, gaze: Mapping, out: str, fail,
+                        warnings: list[str]) -> None:
+    """`gaze_projector.safetensors` + `gaze_config.json` of a GazeReward model."""
+    from jaxpost.rl.gaze_reward import GAZE, LAYER_NORM_EPS
+
+    if GAZE not in params or "projector" not in params[GAZE]:
+        raise fail(f"the metadata describes a GazeReward model (mode {gaze.get('mode')!r}) "
+                   f"but the params have no {GAZE!r}/projector entry")
+    proj = params[GAZE]["projector"]
+    tensors = {}
+    for layer in ("fc1", "fc2"):
+        tensors[f"{layer}.weight"] = np.ascontiguousarray(np.asarray(proj[layer]["kernel"]).T)
+        tensors[f"{layer}.bias"] = np.asarray(proj[layer]["bias"])
+    for norm in ("norm1", "norm2"):
+        tensors[f"{norm}.weight"] = np.asarray(proj[norm]["scale"])
+        tensors[f"{norm}.bias"] = np.asarray(proj[norm]["bias"])
+    if "separators" in params[GAZE]:
+        tensors["separators"] = np.asarray(params[GAZE]["separators"])
+    write_safetensors(os.path.join(out, GAZE_WEIGHTS_FILE), tensors)
+    config = {"mode": gaze["mode"], "features": list(gaze["features"]),
+              "feature_scale": list(gaze.get("scale") or [1.0] * len(gaze["features"])),
+              "predictor": gaze.get("predictor", ""), "width": int(gaze["width"]),
+              "dropout": list(gaze["dropout"]), "layer_norm_eps": LAYER_NORM_EPS,
+              "projector": "norm2(fc2(relu(norm1(fc1(features / feature_scale)))))",
+              "injection": ("inputs_embeds = embed_tokens(input_ids) + projector(features) on "
+                            "real tokens" if gaze["mode"] == "add" else
+                            "inputs_embeds = [separators[0], projector(features of the n real "
+                            "tokens), separators[1], embed_tokens(the n real tokens)], "
+                            "positions 0..2n+1, score at the last text token"),
+              "separator_ids": ([cfg.vocab_size, cfg.vocab_size + 1]
+                                if gaze["mode"] == "concat" else [])}
+    with open(os.path.join(out, GAZE_CONFIG_FILE), "w") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+    _warn(f"this is a GazeReward model ({gaze['mode']}): transformers loads its trunk only, "
+          f"which scores text without gaze, not as trained; the projector is in "
+          f"{GAZE_WEIGHTS_FILE} and how to apply it in {GAZE_CONFIG_FILE}", warnings)
 
 
 # ------------------------------------------------------------------------------- CLI

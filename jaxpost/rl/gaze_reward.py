@@ -62,6 +62,7 @@ class GazeSpec:
     num_features: int = 1  # k, features per token
     width: int = 128  # the projector's inner width
     dropout: tuple[float, float] = (0.1, 0.3)  # (p1 after ReLU, p2 after Linear(128->H)): the paper's fp_dropout
+    output_scale: float = 1.0  # initial scale of the last LayerNorm (1: PyTorch's init, the paper's; small: e starts small next to the token embeddings)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -93,6 +94,7 @@ class GazeProjector(nn.Module):
     hidden: int
     width: int = 128
     dropout: tuple[float, float] = (0.1, 0.3)
+    output_scale: float = 1.0  # initial scale of norm2
 
     @nn.compact
     def __call__(self, features: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -104,11 +106,12 @@ class GazeProjector(nn.Module):
         h = nn.Dense(self.hidden, kernel_init=_torch_uniform(self.width),
                      bias_init=_torch_uniform(self.width), name="fc2")(h)
         h = nn.Dropout(self.dropout[1])(h, deterministic=deterministic)
-        return nn.LayerNorm(epsilon=LAYER_NORM_EPS, name="norm2")(h)
+        return nn.LayerNorm(epsilon=LAYER_NORM_EPS, name="norm2",
+                            scale_init=nn.initializers.constant(self.output_scale))(h)
 
 
 def _projector(spec: GazeSpec, cfg: ModelConfig) -> GazeProjector:
-    return GazeProjector(cfg.hidden_size, spec.width, tuple(spec.dropout))
+    return GazeProjector(cfg.hidden_size, spec.width, tuple(spec.dropout), spec.output_scale)
 
 
 def project(spec: GazeSpec, cfg: ModelConfig, gaze_params: dict, features: jax.Array,
@@ -253,7 +256,8 @@ class GazeFeaturizer:
         self.features = tuple(features)
         if not self.features:
             raise ValueError("gaze features: name at least one (e.g. ('TRT',))")
-        scale = (scale,) * len(self.features) if np.isscalar(scale) else tuple(scale)
+        scale = (scale,) if np.isscalar(scale) else tuple(scale)
+        scale = scale * len(self.features) if len(scale) == 1 else scale
         if len(scale) != len(self.features) or any(s <= 0 for s in scale):
             raise ValueError(f"gaze scale {scale!r}: one positive divisor per feature "
                              f"{self.features}")

@@ -124,7 +124,8 @@ def gaze_spec_of(metadata: dict) -> GazeSpec:
     if not info:
         return GazeSpec()
     return GazeSpec(mode=info["mode"], num_features=int(info["num_features"]),
-                    width=int(info["width"]), dropout=tuple(info["dropout"]))
+                    width=int(info["width"]), dropout=tuple(info["dropout"]),
+                    output_scale=float(info.get("output_scale", 1.0)))
 
 
 # ------------------------------------------------------------------------------ scoring

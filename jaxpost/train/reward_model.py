@@ -102,6 +102,7 @@ class GazeSection:
     scale: tuple[float, ...] = (100.0,)  # divisor per feature (one value: all) so the projector sees O(1) inputs: reading times are in ms
     width: int = 128  # the projector's inner width (k -> width -> hidden)
     dropout: tuple[float, float] = (0.1, 0.3)  # projector dropout (after ReLU, after the second Linear): the paper's fp_dropout
+    output_scale: float = 1.0  # initial scale of the projector's last LayerNorm: 1 is PyTorch's (the paper's); its output then has unit size per component, far above token embeddings of std initializer_range
 
     def __post_init__(self):
         self.spec(1)  # validates mode, width and dropout
@@ -114,13 +115,15 @@ class GazeSection:
     def spec(self, num_features: int | None = None) -> rm.GazeSpec:
         """The model-side `GazeSpec`."""
         return rm.GazeSpec(mode=self.mode, num_features=num_features or len(self.features),
-                           width=self.width, dropout=tuple(self.dropout))
+                           width=self.width, dropout=tuple(self.dropout),
+                           output_scale=self.output_scale)
 
     def metadata(self) -> dict:
         """What a checkpoint records (`reward_model.gaze`): enough to score with it."""
         scale = self.scale if len(self.scale) > 1 else self.scale * len(self.features)
         return {"mode": self.mode, "num_features": len(self.features), "width": self.width,
-                "dropout": list(self.dropout), "predictor": self.predictor,
+                "dropout": list(self.dropout), "output_scale": self.output_scale,
+                "predictor": self.predictor,
                 "features": list(self.features), "scale": list(scale)}
 
 
