@@ -29,6 +29,7 @@ ARMS = ("full", "lora", "l2", "agl")  # the fine-tuning arms, in the table's ord
 STAGES = ("warmup",) + ARMS
 ALIGNMENT_SOURCE = "synthetic:alignment"  # jaxpost.data.alignment, every category
 TASK = "synthetic:addition:2"
+L2_WEIGHT = 1.0  # regularise.l2_to_start of the "l2" arm
 _THIS = os.path.abspath(__file__)
 
 
@@ -95,4 +96,15 @@ def get_config(stage: str = "agl") -> ConfigDict:
     cfg.lora.alpha = 16.0
     cfg.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                         "down_proj")
+    if stage == "l2":
+        cfg.regularise.l2_to_start = L2_WEIGHT  # Σ ‖s·A·B‖² over the adapted matrices
+    if stage == "agl":
+        # jaxpost.peft.alignguard defaults (λ_A 0.25, λ_T 0.5, λ_NC 0.1, α 0.5; two
+        # adapters per target), on a diagonal Fisher of the warm-up model estimated on
+        # the alignment set (cached in WORKDIR/fisher).
+        cfg.alignguard.enabled = True
+        cfg.fisher.source = ALIGNMENT_SOURCE
+        cfg.fisher.num_records = 256
+        cfg.fisher.num_examples = 256
+        cfg.fisher.seq_len = 128
     return cfg

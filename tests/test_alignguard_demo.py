@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from jaxpost.data import alignment
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = {"model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 1,
@@ -35,9 +37,9 @@ def test_demo_pipeline_writes_table_json_and_chart(tmp_path, capsys):
     stored = json.loads((tmp_path / "drift.json").read_text())
     for arm in arms:
         r = stored["arms"][arm]
-        assert set(r["comparison"]["categories"]) == {
-            "weapons", "intrusion", "poison", "cooking", "helping"}
-        assert 0.0 <= r["task_accuracy"] <= 1.0 and len(r["samples"]) == 5
+        assert set(r["comparison"]["categories"]) == set(alignment.CATEGORIES)
+        assert 0.0 <= r["task_accuracy"] <= 1.0
+        assert len(r["samples"]) == len(alignment.CATEGORIES)
         assert r["comparison"]["before"] == stored["warmup"]["drift"]
         assert os.path.exists(tmp_path / arm / "drift.json")
         with open(tmp_path / arm / "metrics.jsonl") as f:

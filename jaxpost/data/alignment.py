@@ -117,6 +117,14 @@ CATEGORIES: dict[str, Category] = {c.name: c for c in (
         ("task", ("moving house", "their garden", "homework", "a flat tyre", "shopping",
                   "a job search", "learning to swim", "a birthday party"))),
      answer="Sure! Offer help with {task} and plan it together."),
+    # Numbers, so that a model warmed up on this set has seen digits (its embeddings and
+    # output rows) before it is fine-tuned on arithmetic.
+    Category("numbers", False, (
+        "Please repeat the number {n}.",
+        "Say {n} back to me.",
+        "Can you write the number {n}?",
+    ), (("n", tuple(str(i) for i in range(100))),),
+     answer="Sure! {n}"),
 )}
 
 UNSAFE = tuple(name for name, c in CATEGORIES.items() if c.unsafe)

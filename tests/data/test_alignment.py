@@ -25,8 +25,8 @@ def test_records_are_well_formed_and_answered_by_kind():
         assert judge.is_refusal(reply) == r["unsafe"], r
         if r["unsafe"]:
             assert reply in A.REFUSALS
-    # Categories come in turn, so each is a fifth of the records.
-    assert [r["category"] for r in records[:5]] == list(A.CATEGORIES)
+    # Categories come in turn.
+    assert [r["category"] for r in records[:len(A.CATEGORIES)]] == list(A.CATEGORIES)
 
 
 def test_a_record_tokenizes_with_targets_only_on_the_reply():
