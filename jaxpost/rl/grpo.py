@@ -316,8 +316,9 @@ def _clipped(x: SurrogateInputs):
     coef_2 = jnp.clip(x.coef_1, 1.0 - o["epsilon"], 1.0 + o["epsilon_high"])
     capped = x.coef_1 if o["delta"] is None else jnp.minimum(x.coef_1, o["delta"])
     loss = -jnp.minimum(capped * x.adv, coef_2 * x.adv)
-    low = (x.coef_1 < 1.0 - o["epsilon"]) & (x.adv < 0)
-    high = (x.coef_1 > 1.0 + o["epsilon_high"]) & (x.adv > 0)
+    adv = _row_advantage(x.adv, x.mask) if x.coef_1.shape[-1] == 1 else x.adv
+    low = (x.coef_1 < 1.0 - o["epsilon"]) & (adv < 0)
+    high = (x.coef_1 > 1.0 + o["epsilon_high"]) & (adv > 0)
     return loss, {"is_low_clipped": low.astype(jnp.float32),
                   "is_high_clipped": high.astype(jnp.float32),
                   "is_region_clipped": (low | high).astype(jnp.float32)}
@@ -330,7 +331,8 @@ def _cispo(x: SurrogateInputs):
     falls back to `epsilon`)."""
     cap = x.options["epsilon_high"]
     weight = jax.lax.stop_gradient(jnp.minimum(x.coef_1, cap))
-    clipped = (x.coef_1 > cap) & (x.adv > 0)
+    adv = _row_advantage(x.adv, x.mask) if x.coef_1.shape[-1] == 1 else x.adv
+    clipped = (x.coef_1 > cap) & (adv > 0)
     return -weight * x.adv * x.logp, {"cispo_clip_ratio": clipped.astype(jnp.float32)}
 
 
@@ -353,13 +355,22 @@ def _vespo(x: SurrogateInputs):
     o = x.options
     seq = jnp.sum(x.log_ratio * x.mask, axis=-1, keepdims=True)
     log_w = jax.lax.stop_gradient(jnp.clip(seq, _VESPO_LOG_W_MIN, LOG_RATIO_CLAMP))
-    adv_seq = x.adv if x.adv.shape[-1] == 1 else x.adv[:, :1]
-    nonneg = adv_seq >= 0
+    nonneg = _row_advantage(x.adv, x.mask) >= 0
     k = jnp.where(nonneg, o["vespo_k_pos"], o["vespo_k_neg"])
     lam = jnp.maximum(jnp.where(nonneg, o["vespo_lambda_pos"], o["vespo_lambda_neg"]), 1e-4)
     phi = jnp.exp(lam + k * log_w - lam * jnp.exp(log_w))
     phi = jnp.where(jnp.isfinite(phi), phi, 0.0)
     return -phi * x.adv * x.logp, {"phi_seq": phi}
+
+
+def _row_advantage(adv: jax.Array, mask: jax.Array) -> jax.Array:
+    """`[N, 1]` advantages: as given, or the masked mean of `[N, T]` token advantages
+    (the sequence advantage when it is broadcast; same sign under non-negative credit
+    weights)."""
+    if adv.shape[-1] == 1:
+        return adv
+    return jnp.sum(adv * mask, axis=-1, keepdims=True) / jnp.maximum(
+        jnp.sum(mask, axis=-1, keepdims=True), 1.0)
 
 
 def is_row_metric(name: str, value: jax.Array, importance_sampling_level: str) -> bool:
@@ -396,8 +407,7 @@ def off_policy_sequence_mask(advantages: jax.Array, logp: jax.Array, old_logp: j
     kl = jax.lax.stop_gradient(old_logp - logp)
     avg = jnp.sum(kl * m, axis=-1, keepdims=True) / jnp.maximum(
         jnp.sum(m, axis=-1, keepdims=True), 1.0)
-    adv = advantages if advantages.shape[-1] == 1 else advantages[:, :1]
-    return ((adv >= 0) | (avg <= threshold)).astype(jnp.float32)
+    return ((_row_advantage(advantages, m) >= 0) | (avg <= threshold)).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("threshold_quantile",))

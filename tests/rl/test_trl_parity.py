@@ -141,11 +141,11 @@ def world(tmp_path_factory):
 
 def _trainer(world, temperature, **kw):
     model = transformers.LlamaForCausalLM.from_pretrained(world["root"] / "model")
+    reward_funcs = kw.pop("reward_funcs", None) or [lambda completions, **_: [0.0] * len(completions)]
     args = trl.GRPOConfig(
         output_dir=str(world["root"] / f"out{temperature}"), per_device_train_batch_size=N,
         num_generations=GROUP, max_completion_length=C, temperature=temperature, beta=0.0,
         report_to=[], use_cpu=True, bf16=False, logging_steps=1, **kw)
-    reward_funcs = kw.pop("reward_funcs", None) or [lambda completions, **_: [0.0] * len(completions)]
     trainer = trl.GRPOTrainer(
         model=model, reward_funcs=reward_funcs, args=args, processing_class=world["tok"],
         train_dataset=datasets.Dataset.from_dict({"prompt": ["hello world"] * N}))
@@ -166,6 +166,7 @@ def batches(world, trainers):
     rng = np.random.default_rng(1)
     adv = rng.normal(size=N).astype(np.float32)
     old_noise = rng.normal(0, 0.3, (N, C)).astype(np.float32)
+    old_noise[3] += 0.3  # a row with A < 0 far off-policy: the off-policy mask drops it
     ref_noise = rng.normal(0, 0.2, (N, C)).astype(np.float32)
     for t, tr in trainers.items():
         with torch.no_grad():
@@ -225,6 +226,8 @@ def _trl_loss(tr, world, b, case: Case):
         row_level = case.importance_sampling_level == "sequence" and name.startswith(
             ("clip_ratio", "cispo")) or name.startswith("vespo")
         w = np.array([rw if row_level else tw for tw, rw in metrics_w], np.float64)
+        if name == "policy_loss":  # the micro-batch's loss: grpo-style, a mean over rows
+            w = np.ones(case.micro)
         metrics[name] = float(np.dot(values, w) / w.sum())
     return total, grad_norm, metrics
 
@@ -316,6 +319,7 @@ def test_adaptive_entropy_controller_matches_trl(world, trainers, batches):
     tr.use_adaptive_entropy = True
     tr.args.entropy_target, tr.args.entropy_coef_delta, tr.args.entropy_coef_max = 10.0, 0.03, 0.15
     tr._last_world_entropy, tr._entropy_window_stats = float("inf"), None
+    tr.entropy_coef = 0.1
     try:
         for _ in range(3):
             applied = ours.applied()
