@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -71,7 +72,8 @@ def test_buildifier_formatting_and_lint_pass():
                     reason="Bazel is not installed (apt-get install bazel-bootstrap ...), "
                            "or this runs inside Bazel")
 def test_bazel_builds_the_library_and_passes_a_py_test():
-    subprocess.run(["bash", "scripts/bazel_setup.sh"], cwd=ROOT, check=True)
+    subprocess.run(["bash", "scripts/bazel_setup.sh", "--python", sys.executable], cwd=ROOT,
+                   check=True)
     try:
         build = subprocess.run(["bazel", "build", "//:jaxpost_all"], cwd=ROOT,
                                capture_output=True, text=True, timeout=600)
