@@ -112,7 +112,7 @@ def _train(recipe: str, workdir: str, devices: int, flags=(), **popen):
                             stderr=subprocess.STDOUT, text=True, **popen)
 
 
-def _finish(proc, timeout=400) -> str:
+def _finish(proc, timeout=900) -> str:
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-3000:]
     return out
