@@ -62,8 +62,12 @@ ARMS = (
 class Clock:
     """Wall and CPU seconds (this process plus finished child processes) per stage."""
 
-    def __init__(self):
+    def __init__(self, path: str | None = None):
+        self.path = path  # timings.json: stages of earlier invocations are kept
         self.stages: list[tuple[str, float, float]] = []
+        if path and os.path.exists(path):
+            with open(path) as f:
+                self.stages = [tuple(x) for x in json.load(f)]
 
     @staticmethod
     def _cpu() -> float:
@@ -79,7 +83,11 @@ class Clock:
                 self.t, self.c = time.time(), clock._cpu()
 
             def __exit__(self, *exc):
+                clock.stages = [x for x in clock.stages if x[0] != name]
                 clock.stages.append((name, time.time() - self.t, clock._cpu() - self.c))
+                if clock.path:
+                    with open(clock.path, "w") as f:
+                        json.dump(clock.stages, f, indent=1)
                 print(f"[{name}] wall {clock.stages[-1][1]:.0f}s, cpu {clock.stages[-1][2]:.0f}s",
                       flush=True)
         return _Stage()
@@ -155,6 +163,20 @@ def _group_rel(rows, modules, layers=None) -> float:
     return _overall_rel(sel)
 
 
+#: Differences in fact recall (300 facts, ~0.03 binomial noise each) below this count as
+#: noise: a verdict needs the difference to exceed it.
+RECALL_MARGIN = 0.05
+
+
+def _margin(smaller: float, larger: float) -> str:
+    """Verdict for "`smaller` < `larger`" on recall losses, allowing for noise."""
+    if larger - smaller > RECALL_MARGIN:
+        return "reproduced"
+    if larger - smaller > 0:
+        return f"not clearly (difference under {RECALL_MARGIN})"
+    return "not reproduced"
+
+
 MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -196,7 +218,7 @@ def findings(final_rows: dict, evals: dict, kl: dict, num_layers: int) -> list[t
     start = evals["start"]["fact_recall"]
     drop = {a: start - evals[a][-1][1]["fact_recall"] for a in final_rows}
     out.append(("SFT forgets more than GRPO (fact recall lost)",
-                "reproduced" if drop["sft"] > drop["grpo"] + 0.01 else "not reproduced",
+                _margin(drop["grpo"], drop["sft"]),
                 f"recall {start:.3f} at the start; lost: SFT {drop['sft']:.3f}, GRPO "
                 f"{drop['grpo']:.3f}"))
     if "sft" in kl and "grpo" in kl:
@@ -206,9 +228,8 @@ def findings(final_rows: dict, evals: dict, kl: dict, num_layers: int) -> list[t
     acc = {a: evals[a][-1][1]["addition_accuracy"] for a in final_rows}
     for a, what in (("sft_mid_mlp_frozen", "freezing the mid-layer MLPs"),
                     ("sft_qk_only", "training only q/k")):
-        less = drop[a] < drop["sft"] - 0.01
         out.append((f"{what} limits SFT's forgetting",
-                    "reproduced" if less else "not reproduced",
+                    _margin(drop[a], drop["sft"]),
                     f"recall lost {drop[a]:.3f} vs plain SFT {drop['sft']:.3f}; addition "
                     f"accuracy {acc[a]:.3f} vs plain SFT {acc['sft']:.3f} (start "
                     f"{evals['start']['addition_accuracy']:.3f})"))
@@ -241,12 +262,17 @@ def write_report(workdir, arms, evals, result, clock, analysis_dir, started) -> 
                    and r["checkpoint"] == f"{a}@{max(s for s, _ in evals[a])}")
             for a in final_rows}
     lines = ["# RL vs SFT at CPU scale (a reproduction of \"Scalpel vs Hammer\")", "",
-             f"Written by `scripts/reproduce_rl_vs_sft.py` on {time.strftime('%Y-%m-%d %H:%M')}"
-             f" ({time.time() - started:.0f} s wall in this invocation).", "",
+             f"Written by `scripts/reproduce_rl_vs_sft.py` on {time.strftime('%Y-%m-%d %H:%M')}."
+             + ("" if started is None else
+                f" ({time.time() - started:.0f} s wall in this invocation)."), "",
              "Start: a 4-layer, 0.85M-parameter Llama trained on made-up facts (100 entities "
              "x 3 attributes) mixed 50/50 with 2-digit addition (`configs/rl_vs_sft_pretrain.py`). "
              "Each arm then trains on addition only, for the same number of optimizer steps "
-             "(`configs/rl_vs_sft_sft.py`, `configs/rl_vs_sft_grpo.py`).", "",
+             "(`configs/rl_vs_sft_sft.py`, `configs/rl_vs_sft_grpo.py`): 120 steps, a "
+             "checkpoint every 30; SFT at lr 1e-3 on 32 packed rows of 64 tokens per step, "
+             "GRPO at lr 1e-4 (the seed study also ran GRPO at a far lower rate than SFT) on "
+             "16 prompts x 8 samples per step with an exact-answer reward and beta 0.04. "
+             "The frozen arms are SFT with `freeze_preset` `mid_mlp(1,3)` and `qk_only`.", "",
              "## Outcome", "",
              "| arm | addition acc. | fact recall | mean token KL | rel. change (layers) | q | k | "
              "MLP mid layers | MLP outer layers | intruders |",
@@ -294,6 +320,35 @@ def write_report(workdir, arms, evals, result, clock, analysis_dir, started) -> 
     return path
 
 
+def read_result(analysis_dir: str):
+    """The `AnalysisResult` rows back from the CSVs `analyze` wrote (for --report_only)."""
+    import csv
+
+    from jaxpost.analysis.compare import AnalysisResult
+
+    def num(v):
+        if v == "":
+            return None
+        try:
+            return int(v)
+        except ValueError:
+            try:
+                return float(v)
+            except ValueError:
+                return v
+
+    def rows(name):
+        path = os.path.join(analysis_dir, name)
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            return [{k: (v if k in ("checkpoint", "series", "module", "side") else num(v))
+                     for k, v in r.items()} for r in csv.DictReader(f)]
+
+    return AnalysisResult(rows("weight_change.csv"), rows("kl.csv"), rows("intruders.csv"),
+                          [], [])
+
+
 def result_eps(result) -> float:
     return result.intruders[0]["eps"] if result.intruders else 0.5
 
@@ -303,10 +358,21 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default="/tmp/rl_vs_sft")
     parser.add_argument("--pretrain_from", default="",
                         help="an existing stage-0 workdir (skips training it)")
+    parser.add_argument("--report_only", action="store_true",
+                        help="rewrite REPORT.md from the evals, CSVs and timings on disk")
     args = parser.parse_args(argv)
     started = time.time()
     os.makedirs(args.workdir, exist_ok=True)
-    clock = Clock()
+    clock = Clock(os.path.join(args.workdir, "timings.json"))
+    analysis_dir = os.path.join(args.workdir, "analysis")
+    if args.report_only:
+        with open(os.path.join(args.workdir, "evals.json")) as f:
+            evals = {k: v if k == "start" else [tuple(x) for x in v]
+                     for k, v in json.load(f).items()}
+        path = write_report(args.workdir, ARMS, evals, read_result(analysis_dir), clock,
+                            analysis_dir, None)
+        print(f"wrote {path}")
+        return 0
     pretrain = args.pretrain_from or os.path.join(args.workdir, "pretrain")
     if not args.pretrain_from:
         with clock.stage("stage 0: pretrain (facts + addition)"):
@@ -330,7 +396,6 @@ def main(argv=None) -> int:
                 print(ref.label, evals[arm.name][-1][1], flush=True)
     with open(os.path.join(args.workdir, "evals.json"), "w") as f:
         json.dump(evals, f, indent=1)
-    analysis_dir = os.path.join(args.workdir, "analysis")
     probe = os.path.join(args.workdir, "probe.jsonl")
     write_probe(probe)
     with clock.stage("analysis (weights, KL, intruders, plots)"):
