@@ -5,9 +5,10 @@
 Trains the SFT warm-up once (configs/sft_mention.py), then one GRPO run per seed and arm
 (configs/grpo_gaze_demo.py; arms: `plain` = sequence advantage on every token, `gaze` =
 GazeDistrib weights from the psycholinguistic predictor, `weighted` mode, `gaze_rtg` =
-the same weights as a reward-to-go). Every run is `python -m jaxpost.train` in its own
-workdir, so a stopped script resumes. It writes, under `--out` (default WORKDIR/results):
-`results.json` (per run: reward curve, steps to the threshold, final reward, wall time),
+the same weights as a reward-to-go, `gaze_t2` = `gaze` at softmax temperature 2).
+Every run is `python -m jaxpost.train` in its own workdir, so a stopped script resumes
+(a finished run is skipped and keeps its wall time). It writes, under `--out` (default
+WORKDIR/results): `results.json` (per run: reward curve, steps to the threshold, final reward, wall time),
 `results.md` (the table: mean and std over seeds) and `learning_curves.png`.
 
 Steps to threshold: the first step at which the reward, averaged over the last
@@ -37,6 +38,9 @@ ARMS = {
     "gaze": [f"--config.token_credit={GAZE_CREDIT}", "--config.token_credit_mode=weighted"],
     "gaze_rtg": [f"--config.token_credit={GAZE_CREDIT}",
                  "--config.token_credit_mode=reward_to_go"],
+    "gaze_t2": ["--config.token_credit=" + GAZE_CREDIT.replace("temperature=1.0",
+                                                                "temperature=2.0"),
+                "--config.token_credit_mode=weighted"],
 }
 
 
@@ -44,7 +48,7 @@ def _train(args: list[str], log_path: str) -> float:
     t0 = time.perf_counter()
     with open(log_path, "a") as log:
         proc = subprocess.run([sys.executable, "-m", "jaxpost.train", *args], cwd=ROOT,
-                              stdout=log, stderr=subprocess.STDOUT)
+                              stdout=log, stderr=subprocess.STDOUT, check=False)
     if proc.returncode:
         raise SystemExit(f"training failed ({proc.returncode}); see {log_path}")
     return time.perf_counter() - t0
@@ -163,11 +167,22 @@ def main(argv=None) -> dict:
         for arm in arms:
             wd = os.path.join(a.workdir, f"{arm}_seed{seed}")
             os.makedirs(wd, exist_ok=True)
-            print(f"GRPO {arm} seed {seed} -> {wd}", flush=True)
-            wall = _train([f"--config={ROOT}/configs/grpo_gaze_demo.py",
-                           f"--config.workdir={wd}", f"--config.seed={seed}",
-                           f"--config.steps={a.steps}", f"--config.model.init_from={sft}",
-                           *ARMS[arm]], os.path.join(wd, "train.log"))
+            done = os.path.join(wd, "done.json")  # a finished run keeps its wall time
+            finished = {}
+            if os.path.exists(done):
+                with open(done) as f:
+                    finished = json.load(f)
+            if finished.get("steps") == a.steps:
+                wall = finished["wall_s"]
+                print(f"GRPO {arm} seed {seed}: done ({wd})", flush=True)
+            else:
+                print(f"GRPO {arm} seed {seed} -> {wd}", flush=True)
+                wall = _train([f"--config={ROOT}/configs/grpo_gaze_demo.py",
+                               f"--config.workdir={wd}", f"--config.seed={seed}",
+                               f"--config.steps={a.steps}", f"--config.model.init_from={sft}",
+                               *ARMS[arm]], os.path.join(wd, "train.log"))
+                with open(done, "w") as f:
+                    json.dump({"steps": a.steps, "wall_s": wall}, f)
             r = _rewards(wd, a.steps)
             sm = _smooth(r, a.window)
             hit = np.flatnonzero(sm >= a.threshold)

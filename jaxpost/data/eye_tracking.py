@@ -288,12 +288,23 @@ def split_sentences(corpus: Corpus, heldout_fraction: float) -> tuple[list, list
     round(1/fraction)-th sentence in file order goes to held-out."""
     if not 0.0 < heldout_fraction < 1.0:
         return list(corpus.sentences), []
-    every = max(2, int(round(1.0 / heldout_fraction)))
+    every = max(2, round(1.0 / heldout_fraction))
     train = [s for i, s in enumerate(corpus.sentences) if i % every != every - 1]
     held = [s for i, s in enumerate(corpus.sentences) if i % every == every - 1]
     return train, held
 
 
-__all__ = ["Corpus", "EyeTrackingBatches", "FEATURES", "REQUIRED_COLUMNS", "SYNTHETIC_CSV",
-           "Sentence", "encode_sentence", "read_eye_tracking_csv", "split_sentences",
-           "synthetic_eye_tracking_rows", "token_word_index", "write_synthetic_csv"]
+__all__ = [
+    "FEATURES",
+    "REQUIRED_COLUMNS",
+    "SYNTHETIC_CSV",
+    "Corpus",
+    "EyeTrackingBatches",
+    "Sentence",
+    "encode_sentence",
+    "read_eye_tracking_csv",
+    "split_sentences",
+    "synthetic_eye_tracking_rows",
+    "token_word_index",
+    "write_synthetic_csv",
+]

@@ -14,7 +14,7 @@ def mentioned(completion: str, entities: str) -> float:
     asked = [e.strip().lower() for e in entities.split(",") if e.strip()]
     if not asked:
         raise ValueError(f"entities={entities!r} names no word")
-    said = set(w.lower() for w in _WORD.findall(completion))
+    said = {w.lower() for w in _WORD.findall(completion)}
     return sum(e in said for e in asked) / len(asked)
 
 

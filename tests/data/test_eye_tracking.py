@@ -10,7 +10,8 @@ from jaxpost.tokenizer import ByteTokenizer
 
 def test_committed_synthetic_csv_is_what_the_generator_writes(tmp_path):
     path = et.write_synthetic_csv(tmp_path / "s.csv")
-    assert open(path).read() == open(et.SYNTHETIC_CSV).read()
+    with open(path) as fresh, open(et.SYNTHETIC_CSV) as committed:
+        assert fresh.read() == committed.read()
     corpus = et.read_eye_tracking_csv(et.SYNTHETIC_CSV)
     assert corpus.features == et.FEATURES and len(corpus.sentences) == 160
     # Built-in structure: longer words are read longer.

@@ -5,15 +5,14 @@ import json
 import numpy as np
 import pytest
 
-from jaxpost.config import to_config_dict
 from jaxpost.rl.gaze import GazePredictor, RegressorPredictor, text_token_features
 from jaxpost.tokenizer import ByteTokenizer
 
 
 def _config(workdir, **over):
-    from jaxpost.train.__main__ import load_config
-
     import importlib.util
+
+    from jaxpost.train.__main__ import load_config
     spec = importlib.util.spec_from_file_location("gp", "configs/gaze_predictor.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -36,7 +35,8 @@ def test_regressor_learns_synthetic_csv_and_loads_as_a_predictor(tmp_path):
     # Held-out MSE of the standardised features: well below the mean predictor's.
     assert end["eval_mse"] < 0.3 * end["eval_mse_mean_predictor"]
     assert end["eval_mse"] < 0.5 * start["eval_mse"]
-    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    with open(tmp_path / "metrics.jsonl") as f:
+        lines = [json.loads(x) for x in f]
     assert lines[-1]["step"] == 150 and "eval_r2" in lines[-1]
 
     pred = RegressorPredictor.from_workdir(str(tmp_path))
@@ -44,7 +44,7 @@ def test_regressor_learns_synthetic_csv_and_loads_as_a_predictor(tmp_path):
     # In the synthetic corpus short frequent words ("a", "e") read faster than long rare ones.
     out = pred.predict_words(["a", "ostlosorplegla", "e", "dru."])
     assert out["TRT"].shape == (4,) and out["TRT"][1] > out["TRT"][0] + 50
-    ids, feats = text_token_features(pred, ByteTokenizer(), "<bos>a ostlosorplegla<eos>")
+    _, feats = text_token_features(pred, ByteTokenizer(), "<bos>a ostlosorplegla<eos>")
     two = pred.predict_words(["a", "ostlosorplegla"])["TRT"]  # the same words in context
     np.testing.assert_allclose(feats["TRT"].sum(), two.sum(), rtol=1e-4)
     assert feats["TRT"][0] == 0 and feats["TRT"][-1] == 0

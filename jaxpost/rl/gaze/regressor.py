@@ -37,7 +37,7 @@ class RegressorConfig:
     feature_std: tuple[float, ...] = ()  # per feature, of the training words
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RegressorConfig":
+    def from_dict(cls, d: dict[str, Any]) -> RegressorConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: tuple(v) if isinstance(v, list) else v
                       for k, v in d.items() if k in fields})
@@ -115,7 +115,7 @@ class RegressorPredictor:
         return f"RegressorPredictor(features={self.features})"
 
     @classmethod
-    def from_workdir(cls, workdir: str, step: int | None = None) -> "RegressorPredictor":
+    def from_workdir(cls, workdir: str, step: int | None = None) -> RegressorPredictor:
         """The regressor of a `gaze_predictor` training run (its latest checkpoint)."""
         from jaxpost.checkpoint import open_run
         from jaxpost.tokenizer import load_tokenizer
@@ -145,7 +145,7 @@ class RegressorPredictor:
         if length > self.max_tokens:
             raise ValueError(f"{n} words are {ids_len} tokens; this predictor takes at most "
                              f"{self.max_tokens} (split the text)")
-        tokens, tw, kept = encode_sentence(self.tokenizer, list(words), length, width)
+        tokens, tw, _ = encode_sentence(self.tokenizer, list(words), length, width)
         pred = np.asarray(self._apply(self.params, tokens[None], tw[None], width))[0, :n]
         values = pred * self._std + self._mean
         return {f: values[:, i].astype(np.float32) for i, f in enumerate(self.features)}
