@@ -478,7 +478,8 @@ def open_source(
             `"tfds:NAME"`: `TfdsSource` of `split` under `data_dir`;
             `"synthetic:addition"` (or `"synthetic:addition:D"`, operands of at most D
             digits, default 3): `num_records` addition chats of `split`
-            ("train" or "heldout") drawn with `seed`.
+            ("train" or "heldout") drawn with `seed`; `"synthetic:mention[:KEEP]"`:
+            the mention task of `jaxpost.data.mention`.
         split: TFDS or synthetic split.
         data_dir: TFDS data folder.
         schema: record shape to check ("sft", "prompt" or None).
@@ -493,6 +494,11 @@ def open_source(
     """
     import glob
 
+    if spec.startswith("synthetic:mention"):
+        from jaxpost.data import mention
+
+        return mention.mention_source(num_records, seed=seed, split=split,
+                                      keep=mention.parse_spec(spec))
     if spec.startswith("synthetic:"):
         from jaxpost.data import synthetic
 

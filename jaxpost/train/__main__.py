@@ -29,6 +29,7 @@ TRAINERS = {
     "sft": ("jaxpost.train.sft", "SFTConfig", "train"),
     "grpo": ("jaxpost.train.grpo", "GRPOConfig", "train"),
     "reward_model": ("jaxpost.train.reward_model", "RewardModelConfig", "train"),
+    "gaze_predictor": ("jaxpost.train.gaze_predictor", "GazePredictorConfig", "train"),
 }
 
 

@@ -40,7 +40,7 @@ def _gaze_task(tmp_path, credit=SPEC, mode="weighted"):
 @pytest.mark.parametrize("mode", ["weighted", "reward_to_go"])
 def test_rollout_advantages_are_gaze_weighted_sequence_advantages(tmp_path, mode):
     task, state, _, tokenizer = _gaze_task(tmp_path, mode=mode)
-    batch, metrics = task.next_batch(state)
+    batch, _ = task.next_batch(state)
     adv, mask = batch["advantages"], batch["completion_mask"]
     chex.assert_equal_shape([adv, mask])
     p = task.g.max_prompt_length
@@ -90,7 +90,7 @@ def test_grpo_step_with_gaze_credit_on_8_devices_equals_1_device(tmp_path):
                               (jax.devices(), sh.MeshConfig(data=2, fsdp=2, tensor=2))):
         mesh = sh.make_mesh(mesh_cfg, devices)
         st = TrainState.create(init_params(model_cfg, jax.random.key(0)), opt, seed=0)
-        shardings = state_shardings(jax.eval_shape(lambda: st),
+        shardings = state_shardings(jax.eval_shape(lambda s=st: s),
                                     sh.param_shardings(model_cfg, mesh), mesh)
         st = jax.device_put(st, shardings)
         placed = sh.shard_batch(batch, mesh)
