@@ -55,8 +55,13 @@ from absl import logging as absl_logging
 
 from jaxpost.checkpoint import model_config_from_metadata, open_run, params_from_state
 from jaxpost.models import ModelConfig, to_hf
-from jaxpost.models.hf import CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE, SINGLE_FILE
-from jaxpost.models.hf import write_safetensors
+from jaxpost.models.hf import (
+    CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
+    INDEX_FILE,
+    SINGLE_FILE,
+    write_safetensors,
+)
 from jaxpost.peft import lora
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (holds checkpoints/).")
@@ -66,9 +71,16 @@ _PEFT = flags.DEFINE_bool(
     "peft", False, "Write a PEFT LoRA adapter folder (plus a base folder where needed) "
     "instead of the merged model.")
 
-__all__ = ["BASE_SUBDIR", "ExportError", "GAZE_CONFIG_FILE", "GAZE_WEIGHTS_FILE",
-           "SCORE_BIAS_KEY", "export", "export_run",
-           "model_config_from_metadata"]
+__all__ = [
+    "BASE_SUBDIR",
+    "GAZE_CONFIG_FILE",
+    "GAZE_WEIGHTS_FILE",
+    "SCORE_BIAS_KEY",
+    "ExportError",
+    "export",
+    "export_run",
+    "model_config_from_metadata",
+]
 
 BASE_SUBDIR = "base"  # PATH/base: the base model a --peft export writes beside its adapter
 SCORE_BIAS_KEY = "jaxpost_score_bias"  # config.json key of a reward head's bias

@@ -49,9 +49,22 @@ GAZE = "gaze"  # params key of the gaze part of a reward model
 MODES = ("off", "add", "concat")
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, as in the paper's projector
 
-__all__ = ["GAZE", "GazeFeaturizer", "GazeProjector", "GazeSpec", "LAYER_NORM_EPS", "MODES",
-           "concat_layout", "featurizer_from_spec", "gaze_inputs", "gaze_logical_axes",
-           "gaze_shapes", "init_gaze", "load_gaze_predictor", "project"]
+__all__ = [
+    "GAZE",
+    "LAYER_NORM_EPS",
+    "MODES",
+    "GazeFeaturizer",
+    "GazeProjector",
+    "GazeSpec",
+    "concat_layout",
+    "featurizer_from_spec",
+    "gaze_inputs",
+    "gaze_logical_axes",
+    "gaze_shapes",
+    "init_gaze",
+    "load_gaze_predictor",
+    "project",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +197,8 @@ def concat_layout(tokens: jax.Array, segment_ids: jax.Array, vocab_size: int) ->
     is_gaze = (j >= 1) & (j <= n)
     is_close = (j == n + 1) & (n > 0)
     is_text = (j >= n + 2) & (j <= 2 * n + 1)
-    gaze_index = jnp.take_along_axis(order, jnp.clip(j - 1, 0, t - 1) * jnp.ones_like(n), axis=1)
+    gaze_index = jnp.take_along_axis(order, jnp.broadcast_to(jnp.clip(j - 1, 0, t - 1), (b, length)),
+                                     axis=1)
     text_index = jnp.take_along_axis(order, jnp.clip(j - n - 2, 0, t - 1), axis=1)
     text = jnp.take_along_axis(tokens, text_index, axis=1)
     ids = jnp.where(is_text, text, 0)

@@ -47,7 +47,11 @@ import numpy as np
 from jaxpost import sharding as sh
 from jaxpost.checkpoint import model_config_from_metadata, open_run
 from jaxpost.data.preference import (
-    encode_sequence, encode_sequence_features, pad_features, pad_sequences)
+    encode_sequence,
+    encode_sequence_features,
+    pad_features,
+    pad_sequences,
+)
 from jaxpost.models import ModelConfig, Transformer, param_logical_axes, param_shapes
 from jaxpost.models.layers import dropout_rngs, dtype_of
 from jaxpost.rl import gaze_reward as gz
@@ -59,10 +63,26 @@ BACKBONE = "model"  # params key of the transformer
 HEAD = "score"  # params key of the scalar head
 
 __all__ = [
-    "BACKBONE", "GAZE", "HEAD", "GazeSpec", "gaze_spec_of", "RewardModelReward", "bradley_terry_loss", "encode_sequence",
-    "from_workdir", "head_logical_axes", "head_shapes", "init_head", "last_token_index",
-    "load_reward_model", "make_reward_model_loss", "pad_sequences", "reward_scores",
-    "rm_param_logical_axes", "rm_param_shapes", "rm_param_shardings",
+    "BACKBONE",
+    "GAZE",
+    "HEAD",
+    "GazeSpec",
+    "RewardModelReward",
+    "bradley_terry_loss",
+    "encode_sequence",
+    "from_workdir",
+    "gaze_spec_of",
+    "head_logical_axes",
+    "head_shapes",
+    "init_head",
+    "last_token_index",
+    "load_reward_model",
+    "make_reward_model_loss",
+    "pad_sequences",
+    "reward_scores",
+    "rm_param_logical_axes",
+    "rm_param_shapes",
+    "rm_param_shardings",
 ]
 
 

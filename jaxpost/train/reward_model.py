@@ -24,19 +24,30 @@ import jax
 import numpy as np
 
 from jaxpost import sharding as sh
-from jaxpost.checkpoint import latest_run_step, run_metadata
+from jaxpost.checkpoint import latest_run_step, open_run, run_metadata
 from jaxpost.data.preference import (
-    PreferenceBatches, check_preference_source, encode_pair, encode_pair_features,
-    open_preference_source, pair_batch, preference_problem)
+    PreferenceBatches,
+    check_preference_source,
+    encode_pair,
+    encode_pair_features,
+    open_preference_source,
+    pair_batch,
+    preference_problem,
+)
 from jaxpost.models import ModelConfig
 from jaxpost.optim import OptimizerConfig
+from jaxpost.peft.freeze import Rules
 from jaxpost.rl import gaze_reward as gz
 from jaxpost.rl import reward_model as rm
 from jaxpost.tokenizer import Tokenizer
-from jaxpost.peft.freeze import Rules
 from jaxpost.train.common import (
-    ModelSection, RecipeConfig, model_init, params_of_run, plan_params, run_recipe, setup)
-from jaxpost.checkpoint import open_run
+    ModelSection,
+    RecipeConfig,
+    model_init,
+    plan_params,
+    run_recipe,
+    setup,
+)
 
 log = logging.getLogger(__name__)
 
@@ -182,9 +193,9 @@ class PairwiseEval:
             empty = np.zeros((0, k), np.float32)
             chunk = chunk + [([], [], empty, empty) if k else ([], [])] * (b - len(chunk))
             rows = slice(pid * local, (pid + 1) * local)
-            gaze = {} if not k else dict(chosen_gaze=[p[2] for p in chunk[rows]],
-                                         rejected_gaze=[p[3] for p in chunk[rows]],
-                                         num_features=k)
+            gaze = {} if not k else {"chosen_gaze": [p[2] for p in chunk[rows]],
+                                     "rejected_gaze": [p[3] for p in chunk[rows]],
+                                     "num_features": k}
             batch = pair_batch([p[0] for p in chunk[rows]], [p[1] for p in chunk[rows]],
                                self.seq_len, self.pad_id, self.truncation, **gaze)
             batch["pair_weight"] = weight[rows]

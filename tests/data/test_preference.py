@@ -149,8 +149,8 @@ def test_truncation_is_counted_and_drop_skips_pairs():
 # ---------------------------------------------------------------------- gaze features
 def test_sequence_features_line_up_with_the_ids_bos_and_eos_rows_zero():
     from jaxpost.data.preference import encode_sequence_features
-    from tests.gaze_testing import FakeTokenGaze, fake_trt
     from jaxpost.rl.gaze_reward import GazeFeaturizer
+    from tests.gaze_testing import FakeTokenGaze, fake_trt
     featurize = GazeFeaturizer(TOK, FakeTokenGaze(), ("TRT", "FFD"))
     for prompt, completion, eos in (("<bos><|user|>q<|assistant|>", "ab", True),
                                     ("plain ", "text", False)):

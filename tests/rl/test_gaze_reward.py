@@ -35,7 +35,7 @@ def score(params, tokens, seg, feats=None, spec=None):
     return rm.reward_scores(CFG, params, tokens, seg, gaze=spec, gaze_features=feats)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _params(spec=None, seed=0):
     """Random reward-model params (+ gaze params for `spec`), filled on the host: no init
     program to compile (norm scales near 1, everything else N(0, 0.2^2))."""

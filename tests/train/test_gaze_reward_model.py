@@ -84,9 +84,22 @@ def test_gaze_add_trains_resumes_exports_with_its_sidecar_and_serves_as_a_grpo_r
         train(to_dataclass(RewardModelConfig, gaze_config(workdir, data_path, mode="concat",
                                                           steps=21)))
 
+    # init_from a reward model with another gaze mode: its backbone and head, new gaze params.
+    from jaxpost import sharding as sh
+    from jaxpost.train.reward_model import _reward_model_start
+    concat = rm.GazeSpec(mode="concat", num_features=2, width=16)
+    fresh = init_gaze(concat, model_cfg, jax.random.key(7))
+    start = _reward_model_start(str(workdir), None, model_cfg, concat,
+                                sh.make_mesh(sh.MeshConfig(), jax.devices()[:1]), lambda: fresh)
+    final = jax.device_get(resumed.state.params)
+    for key in ("model", "score"):
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(start[key]), final[key])
+    assert start["gaze"] is fresh and "separators" in start["gaze"]
+
     # Export: the HF trunk + the projector sidecar, equal to the trained params.
-    from jaxpost.export import GAZE_CONFIG_FILE, GAZE_WEIGHTS_FILE, export_run
     from safetensors.numpy import load_file as read_safetensors
+
+    from jaxpost.export import GAZE_CONFIG_FILE, GAZE_WEIGHTS_FILE, export_run
     out = tmp_path / "hf"
     result = export_run(str(workdir), str(out))
     assert result.kind == "reward_model"
@@ -101,13 +114,13 @@ def test_gaze_add_trains_resumes_exports_with_its_sidecar_and_serves_as_a_grpo_r
     assert gaze_cfg["feature_scale"] == [1.0, 1.0]
 
     # GRPO with the GazeReward model as its reward: completions are scored with gaze.
-    from tests.train.test_grpo import _small_grpo
     from jaxpost.train.grpo import train as grpo_train
+    from tests.train.test_grpo import _small_grpo
     spec = f"jaxpost.rl.reward_model:from_workdir(workdir={str(workdir)!r}, batch_size=8)"
     grpo = _small_grpo(tmp_path / "grpo", steps=2, checkpoint_every=0,
                        reward_fns=(spec,), reward_weights=(1.0,))
     grpo_train(grpo)
-    lines = [json.loads(x) for x in open(tmp_path / "grpo" / "metrics.jsonl")]
+    lines = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2]
     assert all(np.isfinite(x["rewards/from_workdir/mean"]) for x in lines)
     assert lines[0]["rewards/from_workdir/std"] > 0  # the scores differ between completions
