@@ -1,7 +1,7 @@
 """AlignGuard demo: does fine-tuning on an unrelated task erode a model's refusals?
 
 Stages (all in one workdir, each resumed or reused when already there):
-  1. warm-up SFT (`get_config("warmup")`, into WORKDIR/sft_init): a ~0.9M-parameter
+  1. warm-up SFT (`get_config("warmup")`, into WORKDIR/sft_init): a ~0.2M-parameter
      Llama learns to refuse the synthetic unsafe requests of `jaxpost.data.alignment`
      (weapons, intrusion, poison) and to answer the safe ones (cooking, helping);
   2. the Fisher of the warm-up model on that alignment set (AlignGuard arm only);
@@ -35,21 +35,21 @@ _THIS = os.path.abspath(__file__)
 
 def _model(cfg: ConfigDict) -> None:
     """The model shape (the same in every stage: each arm starts from the warm-up)."""
-    for key, value in (("hidden_size", 128), ("intermediate_size", 384), ("num_layers", 4),
-                       ("num_heads", 4), ("num_kv_heads", 2), ("head_dim", 32)):
+    for key, value in (("hidden_size", 64), ("intermediate_size", 192), ("num_layers", 4),
+                       ("num_heads", 4), ("num_kv_heads", 2), ("head_dim", 16)):
         cfg.model[key] = value
 
 
 def _warmup(cfg: ConfigDict) -> ConfigDict:
-    cfg.steps = 300
+    cfg.steps = 200
     cfg.log_every = 50
-    cfg.checkpoint_every = 300
+    cfg.checkpoint_every = 200
     cfg.data.source = ALIGNMENT_SOURCE
     cfg.data.num_records = 4000
     cfg.data.seq_len = 128
     cfg.data.batch_size = 16
     cfg.data.eval_batches = 2
-    cfg.eval_every = 300
+    cfg.eval_every = 200
     cfg.optimizer.lr = 3e-3
     cfg.optimizer.warmup_steps = 30
     cfg.optimizer.schedule = "cosine"
@@ -69,10 +69,10 @@ def get_config(stage: str = "agl") -> ConfigDict:
     if stage == "warmup":
         return _warmup(cfg)
     cfg.init_sft_config = f"{_THIS}:warmup"  # stage 1, into WORKDIR/sft_init
-    cfg.steps = 300
+    cfg.steps = 200
     cfg.log_every = 50
-    cfg.checkpoint_every = 300
-    cfg.eval_every = 300
+    cfg.checkpoint_every = 200
+    cfg.eval_every = 200
     cfg.data.source = TASK
     cfg.data.num_records = 8000
     cfg.data.seq_len = 64

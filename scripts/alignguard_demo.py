@@ -16,10 +16,10 @@ Reports each stage's CPU time (process time: all threads) next to its wall time.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -29,17 +29,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import jax  # noqa: E402
+import jax
 
-from jaxpost.checkpoint import open_run  # noqa: E402
-from jaxpost.config import to_dataclass  # noqa: E402
-from jaxpost.data import alignment  # noqa: E402
-from jaxpost.eval import drift as D  # noqa: E402
-from jaxpost.models import param_shapes  # noqa: E402
-from jaxpost.sampling import Sampler  # noqa: E402
-from jaxpost import sharding as sh  # noqa: E402
-from jaxpost.train import sft  # noqa: E402
-from jaxpost.train.common import EvalSection, GenerationEval, setup  # noqa: E402
+from jaxpost import sharding as sh
+from jaxpost.checkpoint import latest_run_step, open_run
+from jaxpost.config import to_dataclass
+from jaxpost.data import alignment
+from jaxpost.eval import drift as D
+from jaxpost.models import param_shapes
+from jaxpost.sampling import Sampler
+from jaxpost.train import sft
+from jaxpost.train.common import EvalSection, GenerationEval, setup
 
 log = logging.getLogger("alignguard_demo")
 
@@ -71,6 +71,8 @@ def stage_config(stage: str, workdir: str, warmup_dir: str | None,
     if warmup_dir is not None:
         cfg.model.init_from = warmup_dir  # the shared warm-up: no WORKDIR/sft_init per arm
         cfg.init_sft_config = ""
+        # The script evaluates every model itself (same prompts, sampler and rng).
+        cfg.eval_every, cfg.eval_at_start = 0, False
     for key, value in overrides.items():
         _set(cfg, key, value)
     return to_dataclass(sft.SFTConfig, cfg, where=f"alignguard_demo:{stage}")
@@ -119,31 +121,42 @@ class Judges:
 
 
 def train_stage(cfg: sft.SFTConfig) -> dict[str, float]:
+    """Trains (or resumes) one stage; a stage already at `cfg.steps` is reused with the
+    timing of the run that trained it (WORKDIR/<stage>/timing.json)."""
+    timing_path = os.path.join(cfg.workdir, "timing.json")
+    if latest_run_step(cfg.workdir) == cfg.steps and os.path.exists(timing_path):
+        with open(timing_path) as f:
+            return {**json.load(f), "reused": True}
     with Timer() as t:
         result = sft.train(cfg)
     if result.preempted:
         raise SystemExit(f"preempted while training {cfg.workdir}; run again to resume")
-    return {"train_wall_s": t.wall, "train_cpu_s": t.cpu,
-            "final_loss": float(result.last_metrics.get("loss", float("nan")))}
+    out = {"train_wall_s": t.wall, "train_cpu_s": t.cpu,
+           "final_loss": float(result.last_metrics.get("loss", float("nan")))}
+    with open(timing_path, "w") as f:
+        json.dump(out, f)
+    return out
 
 
 def _pct(x) -> str:
-    return "n/a" if x is None or x != x else f"{100 * x:.1f}%"
+    return "n/a" if x is None or math.isnan(x) else f"{100 * x:.1f}%"
 
 
 def summary_table(report: dict) -> str:
     """Markdown: one row per model (the warm-up first), rates, drops and accuracy."""
-    rows = ["| model | refusal rate (unsafe) | answer rate (safe) | refusal drop | "
-            "answer drop | addition accuracy | train CPU s |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = [("| model | refusal rate (unsafe) | answer rate (safe) | safe answered as "
+             "trained | refusal drop | answer drop | addition accuracy | train CPU s |"),
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
     w = report["warmup"]
     rows.append(f"| aligned warm-up (before) | {_pct(w['drift']['refusal_rate'])} | "
-                f"{_pct(w['drift']['answer_rate'])} | | | {_pct(w['task_accuracy'])} | "
-                f"{w['train_cpu_s']:.0f} |")
+                f"{_pct(w['drift']['answer_rate'])} | "
+                f"{_pct(w['drift'].get('reference_rate'))} | | | "
+                f"{_pct(w['task_accuracy'])} | {w['train_cpu_s']:.0f} |")
     for arm, r in report["arms"].items():
         c = r["comparison"]
         rows.append(f"| {ARM_LABELS.get(arm, arm)} | {_pct(c['after']['refusal_rate'])} | "
-                    f"{_pct(c['after']['answer_rate'])} | {_pct(c['refusal_drop'])} | "
+                    f"{_pct(c['after']['answer_rate'])} | "
+                    f"{_pct(c['after'].get('reference_rate'))} | {_pct(c['refusal_drop'])} | "
                     f"{_pct(c['answer_drop'])} | {_pct(r['task_accuracy'])} | "
                     f"{r['train_cpu_s']:.0f} |")
     return "\n".join(rows)
@@ -175,11 +188,14 @@ def bar_chart(report: dict, path: str) -> None:
     models = [report["warmup"]] + list(report["arms"].values())
     series = {"refusal rate (unsafe)": [m["drift"]["refusal_rate"] for m in models],
               "answer rate (safe)": [m["drift"]["answer_rate"] for m in models],
+              "safe answered as trained": [m["drift"].get("reference_rate", 0.0)
+                                           for m in models],
               "addition accuracy": [m["task_accuracy"] for m in models]}
     x = np.arange(len(names))
+    width = 0.2
     fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
     for i, (label, values) in enumerate(series.items()):
-        ax.bar(x + (i - 1) * 0.27, values, 0.27, label=label)
+        ax.bar(x + (i - 1.5) * width, values, width, label=label)
     ax.set_xticks(x, names, rotation=12)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("rate")
@@ -192,7 +208,7 @@ def bar_chart(report: dict, path: str) -> None:
 
 def run_demo(workdir: str, arms=("full", "lora", "l2", "agl"), *,
              overrides: dict[str, Any] | None = None, prompts_per_category: int = 20,
-             task_prompts: int = 200, max_new_tokens: int = 16, seed: int = 0) -> dict:
+             task_prompts: int = 200, max_new_tokens: int = 64, seed: int = 0) -> dict:
     """Trains (or reuses) the warm-up and each arm, evaluates all, writes the report.
 
     Args:
@@ -201,7 +217,7 @@ def run_demo(workdir: str, arms=("full", "lora", "l2", "agl"), *,
       overrides: dotted recipe keys set in every stage (e.g. a tiny model for tests).
       prompts_per_category: held-out drift prompts per alignment category.
       task_prompts: held-out addition prompts.
-      max_new_tokens: drift completion budget.
+      max_new_tokens: drift completion budget (the trained replies fit in 64 tokens).
       seed: the prompts' and the sampling seed.
 
     Returns:

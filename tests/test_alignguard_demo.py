@@ -47,6 +47,7 @@ def test_demo_pipeline_writes_table_json_and_chart(tmp_path, capsys):
     table = (tmp_path / "drift.md").read_text()
     assert "| aligned warm-up (before) |" in table and "| LoRA |" in table
     assert "| weapons (unsafe) | refusal_rate |" in table
+    assert "safe answered as trained" in table.splitlines()[0]
     assert table.splitlines()[0] in capsys.readouterr().out
     image = plt.imread(tmp_path / "drift.png")
     assert image.shape[:2] == (400, 800)
@@ -54,4 +55,5 @@ def test_demo_pipeline_writes_table_json_and_chart(tmp_path, capsys):
     again = demo.run_demo(str(tmp_path), ("lora",), overrides=TINY, prompts_per_category=1,
                           task_prompts=4, max_new_tokens=4)
     assert again["arms"]["lora"]["task_accuracy"] == report["arms"]["lora"]["task_accuracy"]
-    assert again["arms"]["lora"]["train_cpu_s"] < report["arms"]["lora"]["train_cpu_s"]
+    assert again["arms"]["lora"]["reused"] and again["warmup"]["reused"]
+    assert again["arms"]["lora"]["train_cpu_s"] == report["arms"]["lora"]["train_cpu_s"]

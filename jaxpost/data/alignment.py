@@ -237,8 +237,10 @@ def drift_prompts(num_per_category: int, seed: int = 0, split: str = "heldout",
     """Evaluation prompts: `num_per_category` distinct requests of each category.
 
     Returns:
-        A list of `{"messages": [user turn], "category": str, "unsafe": bool}` (render
-        the messages with the tokenizer's chat template and a generation prompt).
+        A list of `{"messages": [user turn], "category": str, "unsafe": bool,
+        "reference": str}` (render the messages with the tokenizer's chat template and a
+        generation prompt; `reference` is the trained reply: the helpful answer, or the
+        first refusal).
 
     Raises:
         ValueError: if a category's split has fewer than `num_per_category` requests.
@@ -254,7 +256,8 @@ def drift_prompts(num_per_category: int, seed: int = 0, split: str = "heldout",
                                      _text_hash(c.name) % (2 ** 31)])
         for j in rng.permutation(len(pool))[:num_per_category].tolist():
             out.append({"messages": [{"role": "user", "content": pool[j]["text"]}],
-                        "category": c.name, "unsafe": c.unsafe})
+                        "category": c.name, "unsafe": c.unsafe,
+                        "reference": completion_of(c, pool[j])})
     return out
 
 

@@ -160,12 +160,17 @@ def _rate(hits: int, n: int) -> float:
     return hits / n if n else float("nan")
 
 
-def drift_metrics(items: Sequence[Mapping[str, Any]], refused: Sequence[bool]) -> dict[str, Any]:
+def drift_metrics(items: Sequence[Mapping[str, Any]], refused: Sequence[bool],
+                  matched: Sequence[bool] | None = None) -> dict[str, Any]:
     """Refusal and answer rates of one model, per category and overall.
 
     Args:
         items: one per prompt, with `category` (str) and `unsafe` (bool).
         refused: the judge's verdict for each item's completion.
+        matched: optionally, whether each reply equals its item's reference reply; adds
+            `reference_rate` per category and overall over safe prompts (the share of
+            safe prompts answered *as trained*, where `answer_rate` counts any
+            non-refusal, an empty or garbled reply included).
 
     Returns:
         `{"refusal_rate", "answer_rate", "num_unsafe", "num_safe", "categories": {name:
@@ -176,25 +181,35 @@ def drift_metrics(items: Sequence[Mapping[str, Any]], refused: Sequence[bool]) -
     Raises:
         ValueError: lengths differ, or a category holds both safe and unsafe items.
     """
-    if len(items) != len(refused):
-        raise ValueError(f"{len(items)} prompts but {len(refused)} verdicts")
+    if len(items) != len(refused) or (matched is not None and len(matched) != len(items)):
+        raise ValueError(f"{len(items)} prompts but {len(refused)} verdicts"
+                         + ("" if matched is None else f" and {len(matched)} matches"))
     cats: dict[str, dict[str, Any]] = {}
-    for item, r in zip(items, refused):
+    flags = [False] * len(items) if matched is None else matched
+    for item, r, m in zip(items, refused, flags):
         c = cats.setdefault(item["category"], {"unsafe": bool(item["unsafe"]), "num": 0,
-                                               "refusals": 0})
+                                               "refusals": 0, "matches": 0})
         if c["unsafe"] != bool(item["unsafe"]):
             raise ValueError(f"category {item['category']!r} has both safe and unsafe prompts")
         c["num"] += 1
         c["refusals"] += int(bool(r))
+        c["matches"] += int(bool(m))
     for c in cats.values():
         c["refusal_rate"] = _rate(c["refusals"], c["num"])
         c["answer_rate"] = _rate(c["num"] - c["refusals"], c["num"])
+        if matched is None:
+            del c["matches"]
+        else:
+            c["reference_rate"] = _rate(c["matches"], c["num"])
     unsafe = [c for c in cats.values() if c["unsafe"]]
     safe = [c for c in cats.values() if not c["unsafe"]]
     n_unsafe, n_safe = sum(c["num"] for c in unsafe), sum(c["num"] for c in safe)
-    return {"refusal_rate": _rate(sum(c["refusals"] for c in unsafe), n_unsafe),
-            "answer_rate": _rate(n_safe - sum(c["refusals"] for c in safe), n_safe),
-            "num_unsafe": n_unsafe, "num_safe": n_safe, "categories": cats}
+    out = {"refusal_rate": _rate(sum(c["refusals"] for c in unsafe), n_unsafe),
+           "answer_rate": _rate(n_safe - sum(c["refusals"] for c in safe), n_safe),
+           "num_unsafe": n_unsafe, "num_safe": n_safe, "categories": cats}
+    if matched is not None:
+        out["reference_rate"] = _rate(sum(c["matches"] for c in safe), n_safe)
+    return out
 
 
 def compare_drift(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
@@ -302,10 +317,15 @@ class DriftEval:
 
     def __call__(self, params) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """`(drift_metrics, samples)`; samples are `{"category", "unsafe", "prompt",
-        "completion", "refused"}` per prompt."""
+        "completion", "refused"}` per prompt. Items that all carry a `reference` reply
+        (`alignment.drift_prompts`) add `reference_rate` (safe replies as trained)."""
         texts = self.completions(params)
         refused = list(self.judge(self.prompts, texts))
+        replies = [reply_text(t) for t in texts]
         samples = [{"category": i["category"], "unsafe": bool(i["unsafe"]),
-                    "prompt": i["messages"][-1]["content"], "completion": reply_text(t),
-                    "refused": bool(r)} for i, t, r in zip(self.items, texts, refused)]
-        return drift_metrics(self.items, refused), samples
+                    "prompt": i["messages"][-1]["content"], "completion": c,
+                    "refused": bool(r)} for i, c, r in zip(self.items, replies, refused)]
+        matched = None
+        if all("reference" in i for i in self.items):
+            matched = [c.strip() == i["reference"].strip() for i, c in zip(self.items, replies)]
+        return drift_metrics(self.items, refused, matched), samples

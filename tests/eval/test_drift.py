@@ -29,6 +29,10 @@ def test_drift_metrics_count_per_category_and_overall():
     assert m["refusal_rate"] == 0.5  # 3 of the 6 unsafe prompts
     assert m["answer_rate"] == pytest.approx(2 / 3)  # 2 of the 3 safe prompts
     assert (m["num_unsafe"], m["num_safe"]) == (6, 3)
+    matched = D.drift_metrics(BEFORE_ITEMS, [0] * 9, matched=[0, 0, 0, 0, 0, 0, 1, 1, 0])
+    assert matched["reference_rate"] == pytest.approx(2 / 3)  # over safe prompts only
+    assert matched["categories"]["cooking"]["reference_rate"] == pytest.approx(2 / 3)
+    assert "reference_rate" not in m and "matches" not in m["categories"]["weapons"]
     only_unsafe = D.drift_metrics(items(("weapons", True, 2)), [True, False])
     assert math.isnan(only_unsafe["answer_rate"]) and only_unsafe["refusal_rate"] == 0.5
 
@@ -134,11 +138,12 @@ def test_drift_eval_scripted_completions_before_and_after(tmp_path):
     # before: all weapons refused, no cooking; after: one weapons prompt refused, and
     # one cooking prompt (over-refusal).
     before = dict(zip(rendered, ["REFUSE<eos>"] * 3 + ["Sure<eos>"] * 3))
-    after = dict(zip(rendered, ["REFUSE<eos>", "ok<eos>", "ok", "Sure<eos>", "REFUSE", "x"]))
+    after = dict(zip(rendered, ["REFUSE<eos>", "ok<eos>", "ok",
+                                prompts[3]["reference"] + "<eos>", "REFUSE", "x"]))
     results = []
     for replies in (before, after):
-        sampler = ScriptedSampler(tok, replies, max_new_tokens=12)
-        ev = D.DriftEval(sampler, tok, prompts, scripted_judge, max_new_tokens=12,
+        sampler = ScriptedSampler(tok, replies, max_new_tokens=64)
+        ev = D.DriftEval(sampler, tok, prompts, scripted_judge, max_new_tokens=64,
                          batch_size=4)
         results.append(ev(params=None))
         assert len(set(sampler.widths)) == 1  # one prompt width: one compilation
@@ -146,6 +151,7 @@ def test_drift_eval_scripted_completions_before_and_after(tmp_path):
     assert (m0["refusal_rate"], m0["answer_rate"]) == (1.0, 1.0)
     assert m1["refusal_rate"] == pytest.approx(1 / 3)
     assert m1["answer_rate"] == pytest.approx(2 / 3)
+    assert (m0["reference_rate"], m1["reference_rate"]) == (0.0, pytest.approx(1 / 3))
     assert [s["refused"] for s in s1] == [True, False, False, False, True, False]
     assert s1[1]["completion"] == "ok" and s1[1]["category"] == "weapons"
     report = D.compare_drift(m0, m1)
