@@ -1,26 +1,34 @@
-"""GRPO maths: group-relative advantages, the clipped per-token loss, and its aggregation.
+"""GRPO maths: group-relative advantages, the per-token loss of each loss type, and its
+aggregation.
 
 Small pure `jax.numpy` functions with no host state. They are wrapped in `jax.jit` (options
 such as `group_size`, `loss_type`, `epsilon` and `beta` are static arguments: Python
 values, one compilation per distinct value), so a host-side call compiles once instead of
-dispatching op by op, and inside another jitted function they simply inline. They mirror TRL's
-`GRPOTrainer` (TRL main, 1.10.0.dev0; see ALGORITHMS.md 4.4) so that numbers can be
-compared one to one:
+dispatching op by op, and inside another jitted function they simply inline. They mirror
+TRL 1.16's `GRPOTrainer` (`_compute_loss` and its advantage block) so that numbers can be
+compared one to one (tests/rl/test_trl_parity.py runs TRL itself):
 
 - `group_advantages`: `A = r - mean_group(r)`, optionally divided by an unbiased
-  (ddof = 1) group or batch std plus `1e-4`.
+  (ddof = 1) group or batch std plus `1e-4`; `decoupled_advantages`: GDPO's per-reward
+  group normalisation, weighted sum, then batch normalisation.
 - `token_advantages`: a sequence advantage broadcast over its completion tokens, or
   spread by per-token credit weights (gaze, for example; the host-side interface that
   produces them is `jaxpost.rl.credit`) as weights or as a reward-to-go.
 - `per_token_loss`: `-min(rho * A, clip(rho, 1 - eps, 1 + eps_high) * A)` with an optional
   `delta` cap on `rho` and an optional `beta`-weighted k3 KL to a reference policy.
+  weighted per token by a pluggable `credit` (gaze weights, for example).
+- `per_token_loss`: token- or sequence-level (GSPO) importance weights, the loss type's
+  surrogate (`SURROGATES`: PPO's clipped one with TRL's `delta` cap; CISPO; SAPO; VESPO),
+  the off-policy sequence mask and entropy mask, and a `beta`-weighted k3 KL to a
+  reference policy, bias-corrected by the ratio (TRL's `use_bias_correction_kl`).
 - `aggregate`: per-token losses -> a `(loss_sum, count)` pair for `jaxpost.train.step`,
   whose gradient-accumulation loop sums both over micro-batches and divides once.
-  `LOSS_TYPES` holds one tiny function per variant (`grpo`, `bnpo`, `dr_grpo`, `dapo`);
-  `register_loss_type` adds one.
-- `policy_loss`: `per_token_loss` + `aggregate` in one call, returning `(loss_sum, count, aux)` with the
-  clip fractions (and KL) as `(sum, weight)` metric pairs.
-- `masked_mean_pair`, `token_entropy`: metric helpers.
+  `LOSS_TYPES` holds one tiny function per variant (`grpo`, `bnpo`, `dr_grpo`, `dapo`,
+  `cispo`, `sapo`, `luspo`, `vespo`); `register_loss_type(name, surrogate)` adds one.
+- `policy_loss`: `per_token_loss` + `aggregate` (+ the top-entropy mask and the entropy
+  bonus) in one call, returning `(loss_sum, count, aux)` with TRL's metrics as
+  `(sum, weight)` pairs.
+- `masked_mean_pair`, `token_entropy`, `high_entropy_mask`: metric and mask helpers.
 
 Shapes: `N` rows (completions) grouped contiguously by prompt, `N = num_prompts * G`;
 `T` completion positions; `mask[N, T]` is 1.0 on completion tokens that enter the loss

@@ -313,6 +313,15 @@ class GRPOTask:
         self._prompt_state = self.prompts.get_state()
         self._zero_std_streak = 0  # rollout batches in a row without any reward spread
         self.entropy = EntropyController(g) if entropy_bonus_enabled(g) else None
+        if g.loss_type == "cispo" and (g.epsilon_high or g.epsilon) < 1.0:
+            log.warning("loss_type='cispo' caps the importance weight at epsilon_high=%g (as "
+                        "TRL: unset, it is epsilon), so every weight is clipped below 1; "
+                        "ScaleRL recommends grpo.epsilon_high=5.0", g.epsilon_high or g.epsilon)
+        if g.importance_sampling_level == "sequence" and g.loss_type in (
+                "bnpo", "dr_grpo", "dapo", "cispo"):
+            log.warning("importance_sampling_level='sequence' with loss_type=%r sums token "
+                        "losses, weighting each sequence by its length; GSPO uses "
+                        "loss_type='grpo'", g.loss_type)
 
     # -- rollout --------------------------------------------------------------------
     def _rollout(self, state) -> tuple[dict, dict]:
