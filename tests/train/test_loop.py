@@ -67,7 +67,7 @@ def test_unknown_key_and_wrong_type_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.seq_len"):
         load_config(raw)
     cfg = small_config(tmp_path)
-    cfg.trainer = "ppo"
+    cfg.trainer = "dpo"  # not a trainer (yet)
     with pytest.raises(ConfigError, match="valid trainers"):
         load_config(cfg)
 

@@ -153,7 +153,16 @@ def test_ppo_killed_and_resumed_follows_the_straight_run_exactly(tmp_path, monke
         return ppo_train.train(_small_ppo(workdir, steps=6, checkpoint_every=2,
                                           reward_fns=(reward,)))
 
-    run(tmp_path / "straight", "tests.train.test_grpo:digit_fraction")
+    straight_result = run(tmp_path / "straight", "tests.train.test_grpo:digit_fraction")
+    # The export of a PPO run is its policy (the value head stays in the checkpoint).
+    from jaxpost.export import export_run
+    from jaxpost.models import from_hf
+
+    exported = export_run(str(tmp_path / "straight"), str(tmp_path / "hf"))
+    assert exported.kind == "merged"
+    _, hf_params = from_hf(str(tmp_path / "hf"))
+    chex.assert_trees_all_close(hf_params, jax.device_get(
+        vh.policy_params(straight_result.state.params)))
     # SIGTERM inside the 3rd rollout's reward call: step 4 (two rollouts) is saved and the
     # resumed run replays the 3rd rollout from the same prompts, rng and beta.
     first = run(tmp_path / "killed", "tests.train.test_grpo:preempt_on_call(call=3)")
