@@ -182,6 +182,7 @@ def test_two_process_primitives_and_a_killed_peer_stops_the_run(tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.communicate()
+    print(f"process 0 exited {waited:.1f} s after process 1 was killed")
     assert procs[0].returncode != 0, out[-2000:]
     assert waited < heartbeat + 60
     assert any(w in out for w in ("heartbeat", "Connection", "unhealthy", "UNAVAILABLE")), \

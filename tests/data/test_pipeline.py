@@ -271,3 +271,17 @@ def test_a_few_keepable_examples_among_many_dropped_still_make_batches():
     with _alarm(60):
         batches = _take(it, 200)
     assert len(batches) == 200 and it.stats.kept == 200
+
+
+def test_block_sharding_deals_each_global_batch_in_process_order():
+    # 2 processes x 3 records per batch: the blocks of each global batch, in process
+    # order, are exactly one process's batch of 6 (what GRPO rollouts rely on).
+    src = list(range(30))
+    one = list(record_dataset(src, seed=7, num_epochs=1, shard_index=0, shard_count=1))
+    shards = [list(record_dataset(src, seed=7, num_epochs=1, shard_index=i, shard_count=2,
+                                  shard_block=3)) for i in range(2)]
+    assert [len(s) for s in shards] == [15, 15]
+    for b in range(5):
+        assert shards[0][3 * b:3 * b + 3] + shards[1][3 * b:3 * b + 3] == one[6 * b:6 * b + 6]
+    with pytest.raises(ValueError, match="shard_block=0 must be >= 1"):
+        record_dataset(src, shard_index=0, shard_count=2, shard_block=0)
