@@ -14,9 +14,6 @@ compared one to one (tests/rl/test_trl_parity.py runs TRL itself):
 - `token_advantages`: a sequence advantage broadcast over its completion tokens, or
   spread by per-token credit weights (gaze, for example; the host-side interface that
   produces them is `jaxpost.rl.credit`) as weights or as a reward-to-go.
-- `per_token_loss`: `-min(rho * A, clip(rho, 1 - eps, 1 + eps_high) * A)` with an optional
-  `delta` cap on `rho` and an optional `beta`-weighted k3 KL to a reference policy.
-  weighted per token by a pluggable `credit` (gaze weights, for example).
 - `per_token_loss`: token- or sequence-level (GSPO) importance weights, the loss type's
   surrogate (`SURROGATES`: PPO's clipped one with TRL's `delta` cap; CISPO; SAPO; VESPO),
   the off-policy sequence mask and entropy mask, and a `beta`-weighted k3 KL to a
