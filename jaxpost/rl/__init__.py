@@ -5,7 +5,8 @@ log-probs (`rollout`) and reward functions (`rewards`).
 aggregation as `(sum, count)` pairs); `jaxpost.rl.rollout` lays sampled completions out
 as rows and recomputes their log-probs with one forward pass; `jaxpost.rl.rewards` is
 host-side Python (reward functions in the TRL convention, config specs, weighted
-combination). Reward models (`jaxpost.rl.reward_model`) are imported on their own.
+combination). Reward models (`jaxpost.rl.reward_model`), token credit (`jaxpost.rl.credit`)
+and gaze (`jaxpost.rl.gaze`) are imported on their own.
 """
 
 from jaxpost.rl.grpo import (
