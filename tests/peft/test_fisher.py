@@ -110,9 +110,11 @@ def test_kfac_factors_equal_an_explicit_computation(setup):
     chex.assert_shape((q["s_in"], q["u_in"], q["lam_out"]), [(2, 16, 16), (2, 16, 3), (2, 2)])
 
 
-def test_saved_fisher_reloads_bitwise_and_another_model_is_refused(setup, tmp_path):
-    params, batches = setup
+def test_saved_fisher_reloads_bitwise_and_another_model_is_refused(tmp_path):
     rng = np.random.default_rng(0)
+    params = {"embed_tokens": {"embedding": jnp.asarray(rng.normal(size=(32, 16)), jnp.float32)},
+              "lm_head": {"kernel": jnp.asarray(rng.normal(size=(16, 32)), jnp.float32)}}
+    batches = [_batch(0)]
     fisher = FI.Fisher("diagonal", {"lm_head": {"kernel": jnp.asarray(
         rng.random((16, 32)), jnp.float32)}}, 6, {})
     data = {"source": "align.jsonl", "digest": FI.data_digest(batches[:1])}
@@ -122,13 +124,14 @@ def test_saved_fisher_reloads_bitwise_and_another_model_is_refused(setup, tmp_pa
     np.testing.assert_array_equal(back.tree["lm_head"]["kernel"], fisher.tree["lm_head"]["kernel"])
     assert back.tree["lm_head"]["kernel"].dtype == fisher.tree["lm_head"]["kernel"].dtype
     assert back.num_examples == fisher.num_examples
-    other = init_params(CFG, jax.random.key(1))
+    other = jax.tree.map(lambda x: x + 1e-2, params)
     with pytest.raises(FI.FisherMismatchError, match="another model.*param values differ"):
         FI.load_fisher(tmp_path / "f", FI.fingerprint(CFG, other, data))
-    wider = CFG.replace(intermediate_size=48)
-    with pytest.raises(FI.FisherMismatchError, match="model.intermediate_size: stored 32, now 48"):
-        FI.load_fisher(tmp_path / "f", FI.fingerprint(wider, init_params(wider, jax.random.key(0)),
-                                                      data))
+    with pytest.raises(FI.FisherMismatchError, match="model.rope_theta: stored 10000.0, now 5"):
+        FI.load_fisher(tmp_path / "f", FI.fingerprint(CFG.replace(rope_theta=5.0), params, data))
+    wider = {**params, "lm_head": {"kernel": jnp.zeros((16, 40))}}
+    with pytest.raises(FI.FisherMismatchError, match="param shapes differ for.*lm_head/kernel"):
+        FI.load_fisher(tmp_path / "f", FI.fingerprint(CFG, wider, data))
     with pytest.raises(FI.FisherMismatchError, match="data.digest"):
         FI.load_fisher(tmp_path / "f", FI.fingerprint(CFG, params, {**data, "digest": "x"}))
     with pytest.raises(FI.FisherMismatchError, match="'kfac'"):

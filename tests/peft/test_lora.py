@@ -479,6 +479,7 @@ def _two_adapter_params(cfg, lc):
     return lora.attach_adapters(first, extra)
 
 
+@pytest.mark.slow
 def test_two_adapter_pairs_apply_as_their_sum_and_merge_to_it():
     cfg = tiny("qwen2", num_layers=2, vocab_size=VOCAB)
     lc = LoraConfig(rank=2, alpha=4.0, targets=("q_proj", "v_proj"))

@@ -38,9 +38,11 @@ def test_regulariser_value_and_gradient_do_not_change_with_grad_accum_steps():
                                              grad_accum_steps=accum, regularisers=regs))
         return fn(state, batch)
 
-    out = {(a, bool(r)): run(a, r) for a in (1, 4) for r in ((), (reg,))}
+    # Without the regulariser the step is accumulation-invariant (tests/train/test_step.py),
+    # so one plain run is the reference of both.
+    out = {(1, False): run(1, ()), (1, True): run(1, (reg,)), (4, True): run(4, (reg,))}
     for accum in (1, 4):
-        (s_reg, m_reg), (s_plain, m_plain) = out[(accum, True)], out[(accum, False)]
+        (s_reg, m_reg), (s_plain, m_plain) = out[(accum, True)], out[(1, False)]
         np.testing.assert_allclose(float(m_reg["reg_loss"]), weight * 18 * 1e-4, rtol=1e-4)
         np.testing.assert_allclose(float(m_reg["reg_l2_to_start"]), float(m_reg["reg_loss"]))
         np.testing.assert_allclose(float(m_reg["loss"]),
