@@ -147,7 +147,7 @@ def test_drift_eval_scripted_completions_before_and_after(tmp_path):
                          batch_size=4)
         results.append(ev(params=None))
         assert len(set(sampler.widths)) == 1  # one prompt width: one compilation
-    (m0, s0), (m1, s1) = results
+    (m0, _), (m1, s1) = results
     assert (m0["refusal_rate"], m0["answer_rate"]) == (1.0, 1.0)
     assert m1["refusal_rate"] == pytest.approx(1 / 3)
     assert m1["answer_rate"] == pytest.approx(2 / 3)

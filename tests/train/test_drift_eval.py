@@ -8,7 +8,7 @@ import pytest
 
 from jaxpost.data import alignment
 from jaxpost.models import ModelConfig
-from jaxpost.sampling import Sampler, SampleOutput
+from jaxpost.sampling import SampleOutput, Sampler
 from jaxpost.sharding import MeshConfig, make_mesh
 from jaxpost.tokenizer import load_tokenizer
 from jaxpost.train.common import EvalSection, GenerationEval
