@@ -43,6 +43,22 @@ def test_config_errors_name_the_key():
         load_config(cfg)
 
 
+def test_the_demo_recipe_validates_in_both_arms():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "ppo_gaze_demo.py")
+    spec = importlib.util.spec_from_file_location("ppo_gaze_demo", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for predictor in ("", module.GAZE_PREDICTOR):
+        cfg = module.get_config()
+        cfg.workdir = "w"
+        cfg.ppo.gaze_predictor = predictor
+        typed = load_config(cfg)[0]
+        assert typed.trainer == "ppo" and typed.ppo.gaze_predictor == predictor
+
+
 def test_rollout_advantages_follow_the_ppo_recipe_step_by_step():
     rng = np.random.default_rng(0)
     mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]], np.float32)
