@@ -46,7 +46,8 @@ def _train(cfg_dict) -> tuple[float, float]:
 
 def rollout_rewards(workdir: str, steps_per_rollout: int) -> tuple[np.ndarray, np.ndarray]:
     """(optimizer step at each rollout's start, its reward_mean) from metrics.jsonl."""
-    rows = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(x) for x in f]
     first = [r for r in rows if "reward_mean" in r and (r["step"] - 1) % steps_per_rollout == 0]
     return (np.array([r["step"] for r in first]), np.array([r["reward_mean"] for r in first]))
 
@@ -116,8 +117,9 @@ def main(argv=None) -> None:
             curves[arm].append(r)
 
     summary = summarize(curves)
-    lines = ["| arm | seeds | reward, 1st rollout | reward, last 5 rollouts | rollouts to half the "
-             f"gain (target {next(iter(summary.values()))['target']:.3f}) | CPU s / run | wall s / run |",
+    target = next(iter(summary.values()))["target"]
+    lines = [("| arm | seeds | reward, 1st rollout | reward, last 5 rollouts | rollouts to half "
+              f"the gain (target {target:.3f}) | CPU s / run | wall s / run |"),
              "|---|---|---|---|---|---|---|"]
     for arm, _ in ARMS:
         t = np.array([timing[f"{arm}/seed{s}"] for s in seeds])

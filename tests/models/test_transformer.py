@@ -311,16 +311,20 @@ def test_llama3_rope_scaling_matches_hand_formula():
 
 
 def test_with_hidden_returns_the_logits_and_hidden_states_of_the_separate_calls():
-    cfg = tiny("qwen3", num_layers=1, vocab_size=64)
+    cfg = tiny("qwen3", num_layers=1, vocab_size=64, hidden_size=32, intermediate_size=64)
     params = init_params(cfg, jax.random.key(0))
     tokens = _tokens(2, 5, vocab=64)
     model = Transformer(cfg)
-    logits, hidden = jax.jit(lambda p, x: model.apply({"params": p}, x, with_hidden=True))(
-        params, tokens)
+
+    @jax.jit  # one program for the three calls: one compilation
+    def calls(p, x):
+        return (model.apply({"params": p}, x, with_hidden=True), model.apply({"params": p}, x),
+                model.apply({"params": p}, x, return_hidden=True))
+
+    (logits, hidden), want_logits, want_hidden = calls(params, tokens)
     chex.assert_shape(logits, (2, 5, 64))
     chex.assert_shape(hidden, (2, 5, cfg.hidden_size))
-    chex.assert_trees_all_close(logits, _apply(cfg)(params, tokens), rtol=1e-6, atol=1e-6)
-    chex.assert_trees_all_close(hidden, _apply(cfg)(params, tokens, return_hidden=True),
-                                rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(logits, want_logits, rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(hidden, want_hidden, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="not both"):
         model.apply({"params": params}, tokens, with_hidden=True, return_hidden=True)

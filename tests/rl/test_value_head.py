@@ -39,28 +39,28 @@ def _params(value_model, std=0.5):
     return params
 
 
-@pytest.mark.parametrize("value_model", VALUE_MODELS)
+@pytest.mark.slow  # the one pass itself: tests/models/test_transformer.py (with_hidden)
+@pytest.mark.parametrize("value_model", vh.VALUE_MODELS)
 def test_logits_and_values_from_one_pass_equal_the_separate_computations(value_model):
     params = _params(value_model)
     rows = _rows()
-    logp, logits, values = jax.jit(
-        lambda p_, r: vh.completion_outputs(CFG, p_, r, P, C, 0.7))(params, rows)
-    chex.assert_shape((logp, values), (4, C))
-    chex.assert_shape(logits, (4, C, CFG.vocab_size))
     # The values: the reward model's head on every position's hidden state (of the
     # critic when there is one), read at the position that predicts each token.
     trunk, head = ((params[vh.POLICY], params[vh.HEAD]) if value_model == "shared" else
                    (params[vh.CRITIC][rm.BACKBONE], params[vh.CRITIC][rm.HEAD]))
 
-    @jax.jit
-    def separately(params, trunk, rows):
+    @jax.jit  # both ways in one program: one compilation
+    def both(params, trunk, rows):
+        one_pass = vh.completion_outputs(CFG, params, rows, P, C, 0.7)
         logp = completion_logprobs(CFG, params[vh.POLICY], rows, P, C, 0.7)
         hidden = Transformer(CFG).apply({"params": trunk}, rows["tokens"],
                                         positions=rows["positions"],
                                         segment_ids=rows["segment_ids"], return_hidden=True)
-        return logp, hidden
+        return one_pass, logp, hidden
 
-    want_logp, hidden = separately(params, trunk, rows)
+    (logp, logits, values), want_logp, hidden = both(params, trunk, rows)
+    chex.assert_shape((logp, values), (4, C))
+    chex.assert_shape(logits, (4, C, CFG.vocab_size))
     chex.assert_trees_all_close(logp, want_logp, rtol=1e-5, atol=1e-5)
     want = np.asarray(hidden) @ np.asarray(head["kernel"])[:, 0] + float(head["bias"][0])
     chex.assert_trees_all_close(values, want[:, P - 1:P + C - 1], rtol=1e-5, atol=1e-5)

@@ -6,7 +6,6 @@ import json
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -42,6 +41,22 @@ def test_config_errors_name_the_key():
     cfg.ppo.value_model = "twin"
     with pytest.raises(ConfigError, match="value_model"):
         load_config(cfg)
+
+
+def test_the_demo_recipe_validates_in_both_arms():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "ppo_gaze_demo.py")
+    spec = importlib.util.spec_from_file_location("ppo_gaze_demo", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for predictor in ("", module.GAZE_PREDICTOR):
+        cfg = module.get_config()
+        cfg.workdir = "w"
+        cfg.ppo.gaze_predictor = predictor
+        typed = load_config(cfg)[0]
+        assert typed.trainer == "ppo" and typed.ppo.gaze_predictor == predictor
 
 
 def test_rollout_advantages_follow_the_ppo_recipe_step_by_step():
@@ -92,7 +107,7 @@ def test_ppo_step_on_8_devices_equals_1_device():
         params = vh.init_value_params(CFG, init_params(CFG, jax.random.key(0)), "shared",
                                       jax.random.key(1), 0.1)  # fresh: the state is donated
         state = TrainState.create(params, opt, seed=0)
-        shardings = state_shardings(jax.eval_shape(lambda: state),
+        shardings = state_shardings(jax.eval_shape(lambda s: s, state),
                                     vh.value_param_shardings(CFG, mesh), mesh)
         state = jax.device_put(state, shardings)
         placed = sh.shard_batch(batch, mesh)
@@ -109,14 +124,19 @@ def test_ppo_step_on_8_devices_equals_1_device():
 
 
 # --------------------------------------------------------------------- end to end
+def _records(workdir):
+    with open(workdir / "metrics.jsonl") as f:
+        return [json.loads(x) for x in f]
+
+
 def _small_ppo(workdir, **over):
     cfg = to_config_dict(PPOConfig())
     cfg.workdir = str(workdir)
     cfg.steps = 4
     cfg.log_every = 1
     cfg.checkpoint_every = 2
-    for k, v in dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
-                     num_kv_heads=1, head_dim=16).items():
+    for k, v in {"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2,
+                 "num_kv_heads": 1, "head_dim": 16}.items():
         cfg.model[k] = v
     cfg.prompts.source = "synthetic:addition:2"
     cfg.prompts.num_records = 64
@@ -169,8 +189,7 @@ def test_ppo_killed_and_resumed_follows_the_straight_run_exactly(tmp_path, monke
     assert first.preempted and int(first.state.step) == 4
     resumed_result = run(tmp_path / "killed", "tests.train.test_grpo:digit_fraction")
     assert int(resumed_result.state.step) == 6
-    straight, resumed = ([json.loads(x) for x in open(tmp_path / d / "metrics.jsonl")]
-                         for d in ("straight", "killed"))
+    straight, resumed = (_records(tmp_path / d) for d in ("straight", "killed"))
     assert [x["step"] for x in resumed] == [1, 2, 3, 4, 5, 6]
     for key in keys + ("value_mean", "pg_loss", "approx_kl", "ratio_mean", "kl_seq",
                        "non_score_reward", "returns_mean"):
@@ -189,8 +208,8 @@ def test_ppo_killed_and_resumed_follows_the_straight_run_exactly(tmp_path, monke
 # --------------------------------------------------------------------------- rloo GRPO
 @pytest.mark.slow
 def test_rloo_grpo_runs_end_to_end_with_the_leave_one_out_baseline(tmp_path, monkeypatch):
-    from jaxpost.train import grpo
     from jaxpost.rl.advantages import estimate_advantages
+    from jaxpost.train import grpo
     from tests.train.test_grpo import _small_grpo
 
     seen = []
@@ -206,7 +225,7 @@ def test_rloo_grpo_runs_end_to_end_with_the_leave_one_out_baseline(tmp_path, mon
         cfg.grpo, advantage_estimator="rloo", scale_rewards="none", num_iterations=1))
     result = grpo.train(cfg)
     assert int(result.state.step) == 2
-    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    lines = _records(tmp_path)
     assert all(np.isfinite(x["loss"]) for x in lines)
     assert [s[0] for s in seen] == ["rloo", "rloo"]
     for _, r, adv in seen:  # r_i - mean of the other 3 of its group of 4
