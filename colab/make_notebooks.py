@@ -163,7 +163,8 @@ WORKDIR = "/tmp/jaxpost_colab/grpo"
 SFT_STEPS = None   # None: 400 (GRPO then has accuracy left to gain)
 STEPS = None       # None: 40 GRPO steps on a CPU, the recipe's 80 on a TPU/GPU
 EVAL_PROMPTS = 200
-OVERRIDES = {}     # dotted keys set in both stages (model shape keys must agree)
+OVERRIDES = {}       # dotted keys set in both stages (model shape keys must agree)
+SFT_OVERRIDES = {}   # dotted keys of the SFT stage only, e.g. {"data.batch_size": 16}
 GRPO_OVERRIDES = {}  # dotted keys of the GRPO stage only, e.g. {"grpo.num_generations": 4}''') + [
     code(RECIPE),
     md("**Stage 1: SFT warm-up** (skipped on a rerun: the finished run is found done)."),
@@ -171,7 +172,8 @@ GRPO_OVERRIDES = {}  # dotted keys of the GRPO stage only, e.g. {"grpo.num_gener
 sft_steps = SFT_STEPS or 400
 sft_dir = os.path.join(WORKDIR, "sft")
 run_recipe_file("configs/sft_demo.py", sft_dir, {
-    "steps": sft_steps, "checkpoint_every": sft_steps, "eval_every": 0, **OVERRIDES})'''),
+    "steps": sft_steps, "checkpoint_every": sft_steps, "eval_every": 0, **OVERRIDES,
+    **SFT_OVERRIDES})'''),
     md("**Stage 2: GRPO** from the warm-up's last checkpoint (`model.init_from`); "
        "`eval_at_start` scores the SFT model on the same prompts and rng first."),
     code('''\
@@ -278,6 +280,7 @@ PRETRAIN_STEPS = None  # None: 300 on a CPU, the recipe's 1000 on a TPU/GPU
 ARM_STEPS = None       # None: 60 on a CPU, the recipes' 120 on a TPU/GPU
 CHECKPOINT_EVERY = 20  # fine-tuning checkpoints: the points of the trajectory plots
 OVERRIDES = {}         # dotted keys set in every stage (e.g. a smaller model)
+SFT_OVERRIDES = {}     # dotted keys of the SFT stages only (pretrain and the SFT arms)
 GRPO_OVERRIDES = {}    # dotted keys of the GRPO arm only''') + [
     md("**Stage 0: pretrain**, then **each arm** from it, with the script's recipes and "
        "`train` (each is `python -m jaxpost.train`; finished runs are found done)."),
@@ -295,14 +298,14 @@ def flags(overrides):
 pretrain = os.path.join(WORKDIR, "pretrain")
 study.train(study.PRETRAIN, pretrain, flags({
     **({"steps": PRETRAIN_STEPS} if PRETRAIN_STEPS else {} if ACCELERATOR else {"steps": 300}),
-    **OVERRIDES}))
+    **OVERRIDES, **SFT_OVERRIDES}))
 arm_steps = ARM_STEPS or (0 if ACCELERATOR else 60)
 for arm in arms:
     study.train(arm.config, os.path.join(WORKDIR, arm.name), [
         f"--config.model.init_from={pretrain}", *arm.overrides,
         *flags({**({"steps": arm_steps} if arm_steps else {}),
                 "checkpoint_every": CHECKPOINT_EVERY, **OVERRIDES,
-                **(GRPO_OVERRIDES if arm.name == "grpo" else {})})])'''),
+                **(GRPO_OVERRIDES if arm.name == "grpo" else SFT_OVERRIDES)})])'''),
     md("**Task accuracy and retention** of the start and each arm's last checkpoint "
        "(greedy: held-out addition, recall of all 300 facts)."),
     code('''\
