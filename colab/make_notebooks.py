@@ -24,7 +24,10 @@ REPO_URL = "https://github.com/jaxpost/jaxpost"
 SETUP = f'''\
 # jaxpost: a checkout above this notebook (or CI's) is used as it is; otherwise (Colab)
 # the repository is cloned and the requirements of this runtime's accelerator installed.
-import os, shutil, subprocess, sys
+import os
+import shutil
+import subprocess
+import sys
 
 REPO_URL = "{REPO_URL}"
 
@@ -150,7 +153,9 @@ plt.plot(x, loss)
 plt.xlabel("step"), plt.ylabel("train loss"), plt.title("SFT on 2-digit addition")
 plt.show()'''),
     md("**Held-out accuracy** (greedy exact match; chance is under 0.01)."),
-    code('print(f"eval_accuracy = {result.eval_metrics[\'eval_accuracy\']:.3f} after {steps} steps")'),
+    code('''\
+accuracy = result.eval_metrics["eval_accuracy"]
+print(f"eval_accuracy = {accuracy:.3f} after {steps} steps")'''),
 ]
 
 NOTEBOOKS["grpo"] = preamble(
@@ -214,8 +219,9 @@ WINDOW = 5           # moving-average window, steps''') + [
     code('''\
 from scripts import grpo_gaze_demo
 
+seeds = SEEDS or ("0,1,2" if ACCELERATOR else "0")
 result = grpo_gaze_demo.main([
-    f"--workdir={WORKDIR}", f"--arms={ARMS}", f"--seeds={SEEDS or ('0,1,2' if ACCELERATOR else '0')}",
+    f"--workdir={WORKDIR}", f"--arms={ARMS}", f"--seeds={seeds}",
     f"--steps={STEPS}", f"--sft_steps={SFT_STEPS}", f"--threshold={THRESHOLD}",
     f"--window={WINDOW}"])'''),
     md("**Learning curves** (mean ± std over seeds of the moving-average reward)."),
@@ -278,7 +284,7 @@ WORKDIR = "/tmp/jaxpost_colab/rl_vs_sft"
 ARMS = None           # None: ("sft", "grpo") on a CPU, all four arms on a TPU/GPU
 PRETRAIN_STEPS = None  # None: 300 on a CPU, the recipe's 1000 on a TPU/GPU
 ARM_STEPS = None       # None: 60 on a CPU, the recipes' 120 on a TPU/GPU
-CHECKPOINT_EVERY = 20  # fine-tuning checkpoints: the points of the trajectory plots
+CHECKPOINT_EVERY = None  # None: 20 on a CPU, the recipes' 30 on a TPU/GPU (plot points)
 OVERRIDES = {}         # dotted keys set in every stage (e.g. a smaller model)
 SFT_OVERRIDES = {}     # dotted keys of the SFT stages only (pretrain and the SFT arms)
 GRPO_OVERRIDES = {}    # dotted keys of the GRPO arm only''') + [
@@ -304,7 +310,7 @@ for arm in arms:
     study.train(arm.config, os.path.join(WORKDIR, arm.name), [
         f"--config.model.init_from={pretrain}", *arm.overrides,
         *flags({**({"steps": arm_steps} if arm_steps else {}),
-                "checkpoint_every": CHECKPOINT_EVERY, **OVERRIDES,
+                "checkpoint_every": CHECKPOINT_EVERY or (30 if ACCELERATOR else 20), **OVERRIDES,
                 **(GRPO_OVERRIDES if arm.name == "grpo" else SFT_OVERRIDES)})])'''),
     md("**Task accuracy and retention** of the start and each arm's last checkpoint "
        "(greedy: held-out addition, recall of all 300 facts)."),
@@ -323,7 +329,8 @@ for name, e in evals.items():
 probe = os.path.join(WORKDIR, "probe.jsonl")
 study.write_probe(probe)
 analysis = analyze(pretrain, [os.path.join(WORKDIR, a.name) + "@all" for a in arms],
-                   os.path.join(WORKDIR, "analysis"), AnalysisOptions(probe=probe, probe_tokens=12))'''),
+                   os.path.join(WORKDIR, "analysis"),
+                   AnalysisOptions(probe=probe, probe_tokens=12))'''),
     code('''\
 from IPython.display import Image, display
 

@@ -1,7 +1,6 @@
 """The Colab notebooks (colab/*.ipynb): generated from colab/make_notebooks.py, and each
 runs headless on CPU with tiny parameters to its final metric cell (slow)."""
 
-import copy
 import importlib.util
 import os
 import re
@@ -73,7 +72,7 @@ def test_the_committed_notebooks_are_the_generators_output_with_one_parameters_c
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
         params = nb.cells[_parameters_index(nb)].source
         for key in CASES[name][0]:  # the tests' tiny parameters name real parameters
-            assert re.search(rf"^{key} = ", params, re.M), (name, key)
+            assert re.search(rf"^{key} = ", params, re.MULTILINE), (name, key)
 
 
 @pytest.mark.slow
@@ -88,7 +87,7 @@ def test_notebook_runs_headless_on_cpu_to_its_final_metric(name, tmp_path):
                          {**params, "WORKDIR": str(tmp_path / "work")}.items())
     nb.cells.insert(at + 1, nbformat.v4.new_code_cell(
         "# injected by tests/test_notebooks.py\n" + injected))
-    env = copy.copy(os.environ)
+    env = os.environ.copy()
     env["JAX_PLATFORMS"] = "cpu"
     env["XLA_FLAGS"] = ""  # one CPU device, as on a Colab CPU runtime
     env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
