@@ -48,7 +48,8 @@ if ROOT is None:
     ROOT = "/content/jaxpost"
     if not os.path.isdir(ROOT):
         subprocess.run(["git", "clone", "--depth=1", REPO_URL, ROOT], check=True)
-    if os.path.exists("/dev/accel0") or "COLAB_TPU_ADDR" in os.environ:
+    tpu_env = {"TPU_ACCELERATOR_TYPE", "COLAB_TPU_ADDR"} & set(os.environ)
+    if os.path.exists("/dev/accel0") or tpu_env:
         requirements = "requirements-tpu.txt"
     elif shutil.which("nvidia-smi"):
         requirements = "requirements-gpu.txt"

@@ -35,7 +35,7 @@ CASES = {
                                   "eval_at_start": False, "data.eval_batches": 0}},
                    "refusal_drop"),
     "rl_vs_sft": ({"PRETRAIN_STEPS": 2, "ARM_STEPS": 2, "CHECKPOINT_EVERY": 1,
-                   "OVERRIDES": TINY_MODEL, "SFT_OVERRIDES": TINY_SFT,
+                   "OVERRIDES": {**TINY_MODEL, "eval_every": 0}, "SFT_OVERRIDES": TINY_SFT,
                    "GRPO_OVERRIDES": TINY_GRPO}, "relative_weight_change"),
 }
 
