@@ -159,7 +159,9 @@ def render() -> str:
     for path in sorted((ROOT / "tests").rglob("test_*.py")):
         rel = str(path.relative_to(ROOT))
         deps = {group_of(d) for d in local_imports(path, modules)} | {"tests_support"}
-        if "subprocess" in path.read_text():  # runs `python -m jaxpost...`: all of it
+        text = path.read_text()
+        # Runs `python -m jaxpost...` or a notebook's kernel: all of the library.
+        if "subprocess" in text or "nbclient" in text:
             deps.add("jaxpost_all")
         imported = {m.split(".")[0] for m in imported_modules(path)}
         attrs = [
@@ -167,8 +169,8 @@ def render() -> str:
             ("size", '"large"'),
             ("srcs", _string_list(sorted([RUNNER, rel]))),
             ("args", _string_list([rel])),
-            ("data", 'glob([\n        "configs/*.py",\n        "scripts/**",\n    ]) + '
-                     '["requirements.txt"]'),
+            ("data", 'glob([\n        "colab/*",\n        "configs/*.py",\n'
+                     '        "scripts/**",\n    ]) + ["requirements.txt"]'),
             ("main", f'"{RUNNER}"'),
         ]
         if imported & set(PARITY_MODULES):
