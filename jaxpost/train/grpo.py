@@ -271,26 +271,35 @@ def make_logprob_fn(model_cfg: ModelConfig, g: GRPOSection, mesh, param_sharding
     return jax.jit(fn, in_shardings=(param_shardings, None))
 
 
+def prompt_stream(pr: PromptSection, tokenizer, prompts_per_step: int, seed: int,
+                  section: str):
+    """This process's stream of prompt batches for a rollout recipe (GRPO, PPO).
+
+    Each process reads its contiguous block of every global batch of `prompts_per_step`
+    prompts, so a rollout batch (and its sampling) is the same for any number of
+    processes; `section` names the recipe section in the divisibility error.
+    """
+    procs = jax.process_count()
+    if prompts_per_step % procs:
+        raise ValueError(f"{section}.prompts_per_step={prompts_per_step} is not divisible by "
+                         f"the {procs} processes")
+    source = data.open_source(pr.source, split=pr.split, data_dir=pr.data_dir or None,
+                              schema="prompt", skip_malformed=pr.skip_malformed,
+                              num_records=pr.num_records, seed=seed,
+                              skip_hint="pass --config.prompts.skip_malformed=True")
+    local = prompts_per_step // procs
+    return data.make_prompt_iterator(source, tokenizer, batch_size=local, seed=seed,
+                                     chat=pr.chat, shard_block=local)
+
+
 class GRPOTask:
     """Rollouts with the current policy feed `num_iterations` steps each."""
 
     def __init__(self, cfg: GRPOConfig, model_cfg: ModelConfig, tokenizer, mesh,
                  reference: Callable[[Any], Any] | None = None):
-        g, pr = cfg.grpo, cfg.prompts
-        procs = jax.process_count()
-        if g.prompts_per_step % procs:
-            raise ValueError(f"grpo.prompts_per_step={g.prompts_per_step} is not divisible by "
-                             f"the {procs} processes")
-        source = data.open_source(pr.source, split=pr.split, data_dir=pr.data_dir or None,
-                                  schema="prompt", skip_malformed=pr.skip_malformed,
-                                  num_records=pr.num_records, seed=cfg.seed,
-                                  skip_hint="pass --config.prompts.skip_malformed=True")
-        # Each process reads its contiguous block of every global batch: the rollout batch
-        # (and its sampling) is the same for any number of processes.
-        self.prompts = data.make_prompt_iterator(source, tokenizer,
-                                                 batch_size=g.prompts_per_step // procs,
-                                                 seed=cfg.seed, chat=pr.chat,
-                                                 shard_block=g.prompts_per_step // procs)
+        g = cfg.grpo
+        self.prompts = prompt_stream(cfg.prompts, tokenizer, g.prompts_per_step, cfg.seed,
+                                     "grpo")
         self.rewards = RewardSet(cfg.reward_fns, cfg.reward_weights or None)
         # Token credit (jaxpost.rl.credit): per-token weights of each completion.
         self.credit = resolve_token_credit(cfg.token_credit) if cfg.token_credit else None

@@ -41,7 +41,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpost import data
 from jaxpost import sharding as sh
 from jaxpost.eval.generation import pad_prompts
 from jaxpost.models import ModelConfig
@@ -67,7 +66,7 @@ from jaxpost.train.common import (
     sft_warmup,
 )
 from jaxpost.distributed import initialize
-from jaxpost.train.grpo import PromptSection, make_logprob_fn
+from jaxpost.train.grpo import PromptSection, make_logprob_fn, prompt_stream
 
 log = logging.getLogger(__name__)
 
@@ -276,18 +275,9 @@ class PPOTask:
 
     def __init__(self, cfg: PPOConfig, model_cfg: ModelConfig, tokenizer, mesh,
                  reference: Callable[[Any], Any] | None = None):
-        p, pr = cfg.ppo, cfg.prompts
-        procs = jax.process_count()
-        if p.prompts_per_step % procs:
-            raise ValueError(f"ppo.prompts_per_step={p.prompts_per_step} is not divisible by "
-                             f"the {procs} processes")
-        source = data.open_source(pr.source, split=pr.split, data_dir=pr.data_dir or None,
-                                  schema="prompt", skip_malformed=pr.skip_malformed,
-                                  num_records=pr.num_records, seed=cfg.seed,
-                                  skip_hint="pass --config.prompts.skip_malformed=True")
-        self.prompts = data.make_prompt_iterator(source, tokenizer,
-                                                 batch_size=p.prompts_per_step // procs,
-                                                 seed=cfg.seed, chat=pr.chat)
+        p = cfg.ppo
+        self.prompts = prompt_stream(cfg.prompts, tokenizer, p.prompts_per_step, cfg.seed,
+                                     "ppo")
         self.rewards = RewardSet(cfg.reward_fns, cfg.reward_weights or None)
         self.cfg, self.p, self.tokenizer, self.mesh = cfg, p, tokenizer, mesh
         self.loss_fn = make_ppo_loss(model_cfg, p)
