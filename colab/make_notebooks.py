@@ -48,7 +48,7 @@ if ROOT is None:
     ROOT = "/content/jaxpost"
     if not os.path.isdir(ROOT):
         subprocess.run(["git", "clone", "--depth=1", REPO_URL, ROOT], check=True)
-    tpu_env = {"TPU_ACCELERATOR_TYPE", "COLAB_TPU_ADDR"} & set(os.environ)
+    tpu_env = any(k in os.environ for k in ("TPU_ACCELERATOR_TYPE", "COLAB_TPU_ADDR"))
     if os.path.exists("/dev/accel0") or tpu_env:
         requirements = "requirements-tpu.txt"
     elif shutil.which("nvidia-smi"):
@@ -283,8 +283,8 @@ NOTEBOOKS["rl_vs_sft"] = preamble(
     '''\
 WORKDIR = "/tmp/jaxpost_colab/rl_vs_sft"
 ARMS = None           # None: ("sft", "grpo") on a CPU, all four arms on a TPU/GPU
-PRETRAIN_STEPS = None  # None: 300 on a CPU, the recipe's 1000 on a TPU/GPU
-ARM_STEPS = None       # None: 60 on a CPU, the recipes' 120 on a TPU/GPU
+PRETRAIN_STEPS = None    # None: 300 on a CPU, the recipe's 1000 on a TPU/GPU
+ARM_STEPS = None         # None: 60 on a CPU, the recipes' 120 on a TPU/GPU
 CHECKPOINT_EVERY = None  # None: 20 on a CPU, the recipes' 30 on a TPU/GPU (plot points)
 OVERRIDES = {}         # dotted keys set in every stage (e.g. a smaller model)
 SFT_OVERRIDES = {}     # dotted keys of the SFT stages only (pretrain and the SFT arms)
@@ -302,17 +302,19 @@ def flags(overrides):
     return [f"--config.{k}={v}" for k, v in overrides.items()]
 
 
+def steps(n):
+    return {"steps": n} if n else {}  # 0: the recipe's own
+
+
 pretrain = os.path.join(WORKDIR, "pretrain")
 study.train(study.PRETRAIN, pretrain, flags({
-    **({"steps": PRETRAIN_STEPS} if PRETRAIN_STEPS else {} if ACCELERATOR else {"steps": 300}),
-    **OVERRIDES, **SFT_OVERRIDES}))
-arm_steps = ARM_STEPS or (0 if ACCELERATOR else 60)
+    **steps(PRETRAIN_STEPS or (0 if ACCELERATOR else 300)), **OVERRIDES, **SFT_OVERRIDES}))
 for arm in arms:
     study.train(arm.config, os.path.join(WORKDIR, arm.name), [
-        f"--config.model.init_from={pretrain}", *arm.overrides,
-        *flags({**({"steps": arm_steps} if arm_steps else {}),
-                "checkpoint_every": CHECKPOINT_EVERY or (30 if ACCELERATOR else 20), **OVERRIDES,
-                **(GRPO_OVERRIDES if arm.name == "grpo" else SFT_OVERRIDES)})])'''),
+        f"--config.model.init_from={pretrain}", *arm.overrides, *flags({
+            **steps(ARM_STEPS or (0 if ACCELERATOR else 60)),
+            "checkpoint_every": CHECKPOINT_EVERY or (30 if ACCELERATOR else 20), **OVERRIDES,
+            **(GRPO_OVERRIDES if arm.name == "grpo" else SFT_OVERRIDES)})])'''),
     md("**Task accuracy and retention** of the start and each arm's last checkpoint "
        "(greedy: held-out addition, recall of all 300 facts)."),
     code('''\

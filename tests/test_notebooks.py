@@ -102,3 +102,31 @@ def test_notebook_runs_headless_on_cpu_to_its_final_metric(name, tmp_path):
     images = [o for c in nb.cells for o in c.get("outputs", ())
               if "image/png" in o.get("data", {})]
     assert images, "no inline plot"
+
+
+@pytest.mark.parametrize("env, requirements", [
+    ({"TPU_ACCELERATOR_TYPE": "v5litepod-1"}, "requirements-tpu.txt"),
+    ({}, "requirements.txt")])
+def test_setup_cell_outside_a_checkout_clones_and_installs_for_the_runtime(
+        env, requirements, tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+    import sys
+
+    gen = _generator()
+    calls, chdirs = [], []
+    monkeypatch.chdir(tmp_path)  # no checkout at or above it
+    for key in ("TPU_ACCELERATOR_TYPE", "COLAB_TPU_ADDR"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    monkeypatch.setattr(os, "chdir", chdirs.append)
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no nvidia-smi
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    exec(compile(gen.SETUP, "setup-cell", "exec"), {})  # noqa: S102 (the cell, as a kernel runs it)
+    root = "/content/jaxpost"
+    assert calls == [
+        ["git", "clone", "--depth=1", gen.REPO_URL, root],
+        [sys.executable, "-m", "pip", "install", "-q", "-r", os.path.join(root, requirements)]]
+    assert chdirs == [root] and sys.path[0] == root
