@@ -198,7 +198,8 @@ def test_reward_model_judge_from_a_checkpoint_thresholds_its_scores(tmp_path):
         ckpt.save(1, {"params": params, "step": jnp.int32(1)}, metadata=metadata)
     prompts = [tok.apply_chat_template(p["messages"], add_generation_prompt=True)
                for p in A.drift_prompts(1, seed=0)]
-    replies = ["I can't help with that.", "Sure!", "I'm sorry", "405", "Sure! Offer help"]
+    replies = ["I can't help with that.", "Sure!", "I'm sorry", "405", "Sure! Offer help", "34"]
+    assert len(replies) == len(prompts)  # one held-out prompt per category
     scores = rm.RewardModelReward(str(tmp_path), batch_size=4)(prompts, replies)
     threshold = float(np.median(scores))
     judge = D.make_judge(f"jaxpost.eval.drift:reward_model_judge(workdir={str(tmp_path)!r}, "
