@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpost import sharding as sh
+from jaxpost.distributed import initialize
 from jaxpost.eval.generation import pad_prompts
 from jaxpost.models import ModelConfig
 from jaxpost.optim import OptimizerConfig
@@ -65,7 +66,6 @@ from jaxpost.train.common import (
     setup,
     sft_warmup,
 )
-from jaxpost.distributed import initialize
 from jaxpost.train.grpo import PromptSection, make_logprob_fn, prompt_stream
 
 log = logging.getLogger(__name__)
