@@ -51,6 +51,7 @@ def test_first_iteration_ratio_is_exactly_one_and_later_ones_use_old_logprobs():
     assert float(aux["kl"][0]) > 0
 
 
+@pytest.mark.slow  # heavy: the not-slow suite has a 5-minute budget
 def test_grpo_step_on_8_devices_equals_1_device():
     opt = make_optimizer(OptimizerConfig(lr=1e-2), 10)
     loss_fn = make_grpo_loss(CFG, G)

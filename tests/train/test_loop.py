@@ -79,6 +79,7 @@ def test_cli_reports_a_bad_key_and_exits_nonzero(tmp_path):
     assert "warmup" in out
 
 
+@pytest.mark.slow  # heavy: the not-slow suite has a 5-minute budget
 def test_nan_loss_stops_with_the_step_named_and_no_checkpoint_of_it(tmp_path, monkeypatch):
     import jaxpost.train.sft as sft
 
@@ -204,6 +205,7 @@ def test_optimizer_values_that_cannot_train_are_config_errors_naming_the_key(tmp
         load_config(cfg)
 
 
+@pytest.mark.slow  # heavy: the not-slow suite has a 5-minute budget
 def test_an_evaluation_error_never_loses_the_step_it_follows(tmp_path, monkeypatch):
     import jaxpost.train.sft as sft
 

@@ -124,6 +124,7 @@ def easy_run(tmp_path_factory):
     return str(tmp / "run"), result
 
 
+@pytest.mark.slow  # heavy: the not-slow suite has a 5-minute budget
 def test_short_training_run_reduces_loss_and_beats_chance_on_held_out_pairs(easy_run):
     workdir, result = easy_run
     metrics = read_metrics(workdir)
@@ -134,6 +135,7 @@ def test_short_training_run_reduces_loss_and_beats_chance_on_held_out_pairs(easy
     assert {"accuracy", "margin", "reward_chosen", "data_truncated"} <= set(metrics[-1])
 
 
+@pytest.mark.slow  # heavy: the not-slow suite has a 5-minute budget
 def test_trained_reward_model_scores_through_a_reward_spec(easy_run):
     from jaxpost.rl.rewards import RewardSet
     workdir, _ = easy_run
@@ -145,6 +147,7 @@ def test_trained_reward_model_scores_through_a_reward_spec(easy_run):
     assert total[0] > total[1] and total[2] > total[3]
 
 
+@pytest.mark.slow  # heavy: the not-slow suite has a 5-minute budget
 def test_init_from_a_reward_model_workdir_keeps_its_head(easy_run, tmp_path):
     workdir, result = easy_run
     cfg = small_config(tmp_path / "more",
@@ -157,6 +160,7 @@ def test_init_from_a_reward_model_workdir_keeps_its_head(easy_run, tmp_path):
                                   np.asarray(result.state.params["score"]["kernel"]))
 
 
+@pytest.mark.slow  # heavy: the not-slow suite has a 5-minute budget
 def test_lora_reward_model_trains_adapters_and_head_and_scores_through_a_reward_spec(
         easy_run, tmp_path):
     import jax

@@ -89,6 +89,7 @@ def test_nonfinite_loss_leaves_params_untouched_and_flags_it():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # heavy: the not-slow suite has a 5-minute budget
 def test_train_step_on_8_devices_equals_1_device():
     opt = make_optimizer(OptimizerConfig(lr=1e-2, weight_decay=0.1), 10)
     loss_fn = make_sft_loss(CFG)
