@@ -70,6 +70,7 @@ def w_sft(quick: bool) -> list[dict]:
                                          weight_decay=0.01), 100)
     state = TrainState.create(params, opt, 0)
     sshard = state_shardings(jax.eval_shape(lambda: state), pshard, mesh)
+    state = jax.device_put(state, sshard)  # as the loop places it
     placed = sh.shard_batch(batch, mesh)
     step = make_train_step(make_sft_loss(cfg), opt, mesh=mesh, state_sharding=sshard,
                            batch_sharding=jax.tree.map(lambda x: x.sharding, placed))
