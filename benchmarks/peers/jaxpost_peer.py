@@ -8,7 +8,9 @@ with the workload's knobs, params planned by `plan_params`, the reference by
 random ids through the recipe's prompt stream, scored by `benchmarks.workloads:even_fraction`
 through its `RewardSet`; each step is `task.next_batch(state)` then the train step built
 from `task.loss_fn` as `jaxpost.train.loop.run` builds it. The split comes from the task's
-own metrics (`time_rollout_s`, `time_reward_s`, `time_old_logprobs_s`, `time_reference_s`).
+own metrics (`time_rollout_s`, `time_reward_s`, `time_old_logprobs_s`, `time_reference_s`);
+update = the train step and the fetch of its metrics (the loop's `time_train_s`); the step
+time is the whole iteration (the loop's `step_time_s`).
 The one change to the task: its sampling config stops at no EOS (the workload samples
 exactly `new_tokens` tokens per completion).
 """
@@ -37,7 +39,7 @@ from jaxpost.train.step import make_train_step, state_shardings
 from benchmarks import workloads as W
 
 PEER = "jaxpost"
-VERSIONS = {"jaxpost": "worktree", "jax": jax.__version__,
+VERSIONS = {"jax": jax.__version__,
             "jaxlib": __import__("jaxlib").__version__, "backend": jax.default_backend(),
             "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
 
@@ -216,6 +218,7 @@ def w_grpo(quick: bool) -> list[dict]:
         first_step_s, rewards = None, []
         for it in range(total):
             t0 = time.perf_counter()
+            task.data_state()  # the loop reads it before each batch (what a save stores)
             host_batch, host_metrics = task.next_batch(state)
             batch = sh.shard_batch(host_batch, mesh)
             if train_fn is None:
