@@ -121,17 +121,17 @@ def render(result: dict) -> str:
             lines += [f"## {workload} (s/step, lower is better; {tokens} completion tokens "
                       "per step; ratio = jaxpost's time ÷ the peer's)", "",
                       "| peer | s/step median | min–max | tokens/s | jaxpost ÷ peer (time) "
-                      "| rollout s | reward s | reference s | update s | peak RSS MiB | n |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|"]
+                      "| rollout s | reward s | reference s | update s | peak RSS MiB | n | round medians |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         else:
             unit = "s/step" if workload == "W-SFT" else "s/call"
             lines += [f"## {workload} (tokens/s, higher is better; {tokens} tokens per "
                       f"{unit[2:]}; ratio = jaxpost's tokens/s ÷ the peer's)", "",
                       f"| peer | {unit} median | min–max | tokens/s | jaxpost ÷ peer "
                       f"(tokens/s) |{' MFU |' if workload == 'W-SFT' else ''} "
-                      "peak RSS MiB | n |",
+                      "peak RSS MiB | n | round medians |",
                       "|---|---|---|---|---|" + ("---|" if workload == "W-SFT" else "")
-                      + "---|---|"]
+                      + "---|---|---|"]
         for peer in sorted(peers, key=lambda p: order.index(p) if p in order else 99):
             s = peers[peer]
             row = [_label(peer, s), _f(s["median_s"]), f"{_f(s['min_s'])}–{_f(s['max_s'])}",
@@ -142,7 +142,8 @@ def render(result: dict) -> str:
                                                         "update")]
             elif workload == "W-SFT":
                 row.append(_f(s.get("mfu"), ".2f"))
-            row += [_f(s.get("peak_rss_mib"), ".0f"), str(s["n"])]
+            row += [_f(s.get("peak_rss_mib"), ".0f"), str(s["n"]),
+                    " / ".join(_f(x) for x in s["round_medians_s"])]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     if peak:
@@ -150,7 +151,8 @@ def render(result: dict) -> str:
         lines += [f"Float32 matmul peak of this run: **{peak['gflops']:.0f} GFLOP/s** "
                   f"({peak['framework']}, n={peak['n']}; best per framework: {fw}); "
                   "MFU = W-SFT's model FLOPs per second ÷ this.", ""]
-    lines += ["Medians and min–max over every timed iteration of every round; tokens/s at "
+    lines += ["Medians and min–max over every timed iteration of every round (round "
+              "medians: each round's own, in round order); tokens/s at "
               "the median; the W-GRPO split is the median over rounds of each round's "
               "phase medians (TRL: reward is inside reference); peak RSS is the largest "
               "of the processes that ran only that workload.", ""]

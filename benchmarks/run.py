@@ -143,6 +143,10 @@ def run_worker(python: str, peer: str, workload: str, out_json: str, log_path: s
         timer.start()
         try:
             _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:  # Ctrl-C: the worker is in its own session, end it too
+            kill()
+            os.wait4(proc.pid, 0)
+            raise
         finally:
             timer.cancel()
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -207,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.xla_flags is not None and peer in JAX_PEERS:
             env["XLA_FLAGS"] = args.xla_flags
         name = f"r{rnd}_{peer}_{workload}"
+        load = [round(x, 2) for x in os.getloadavg()]
         print(f"=== round {rnd}: {peer} {workload} (load {os.getloadavg()[0]:.2f})",
               flush=True)
         if not os.path.exists(python):
@@ -219,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             job = run_worker(python, peer, workload, os.path.join(out_dir, "raw", name + ".json"),
                              os.path.join(out_dir, "logs", name + ".log"), quick=args.quick,
                              env=env, timeout=args.timeout)
-        job.update(round=rnd, peer=peer, workload=workload)
+        job.update(round=rnd, peer=peer, workload=workload, loadavg_before=load)
         result["jobs"].append(job)
         if job["status"] == "ok":
             print(f"    ok in {job['wall_s']:.1f} s, peak RSS {job['peak_rss_mib']:.0f} MiB",
