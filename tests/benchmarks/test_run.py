@@ -189,3 +189,15 @@ def test_quick_end_to_end_for_jaxpost(tmp_path):
     assert all(math.isfinite(jp["W-GRPO"][f"{k}_s"]) for k in ("rollout", "reference", "update"))
     assert "| jaxpost |" in (out / "table.md").read_text()
     assert os.path.exists(out / "logs")
+
+
+def test_a_peer_without_its_interpreter_is_not_installed(tmp_path):
+    out = tmp_path / "out"
+    rc = run.main(["--peers", "tunix", "--no-peak", "--tunix-python",
+                   str(tmp_path / "no-venv" / "python"), "--out", str(out)])
+    assert rc == 0  # nothing failed: the one peer asked for is absent
+    result = json.loads((out / "results.json").read_text())
+    assert [j["status"] for j in result["jobs"]] == ["not_installed"]
+    assert result["peers"]["tunix"]["status"] == "not_installed"
+    assert "no interpreter" in result["peers"]["tunix"]["error"]
+    assert "setup_peers.sh" in (out / "table.md").read_text()
