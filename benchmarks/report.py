@@ -1,0 +1,171 @@
+"""The arithmetic and the table of `python -m benchmarks.run`: pooled medians per (workload,
+peer), tokens/s, jaxpost's ratio to each peer, W-SFT's MFU against the matmul peak of the
+same run, peak host memory, and the markdown rendering (pure functions of the job list)."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+WORKLOADS = ("W-SFT", "W-GEN", "W-GRPO")
+LABELS = {"jaxpost": "jaxpost", "jax": "plain JAX", "tunix": "Tunix", "torch": "torch + HF",
+          "trl": "TRL"}
+SPLIT = ("rollout", "reward", "old_logprobs", "reference", "update")
+REFERENCE_PEER = "jaxpost"
+
+
+def matmul_peak(jobs: list[dict]) -> dict | None:
+    """The largest median GFLOP/s over every matmul record of the run (all frameworks,
+    sizes and rounds), with where it came from and the best per framework."""
+    recs = [r for j in jobs if j["status"] == "ok" and j["workload"] == "peak"
+            for r in j["records"]]
+    if not recs:
+        return None
+    best = max(recs, key=lambda r: r["gflops_median"])
+    per_fw: dict[str, float] = {}
+    for r in recs:
+        per_fw[r["framework"]] = max(per_fw.get(r["framework"], 0.0), r["gflops_median"])
+    return {"gflops": best["gflops_median"], "framework": best["framework"], "n": best["n"],
+            "per_framework_gflops": per_fw}
+
+
+def mfu(flops_per_step: float, seconds_per_step: float, peak_gflops: float) -> float:
+    """Model FLOPs utilisation: achieved FLOP/s over the peak FLOP/s."""
+    return flops_per_step / seconds_per_step / (peak_gflops * 1e9)
+
+
+def summarize(jobs: list[dict], peak: dict | None = None) -> dict[str, dict[str, dict]]:
+    """{workload: {peer: summary}} pooled over rounds: median / min / max over all timed
+    iterations of all rounds, tokens/s at the median, per-round medians, the GRPO split
+    (median over rounds of each round's phase median), the largest peak RSS of the
+    workload's processes and, for W-SFT with a peak, the MFU."""
+    out: dict[str, dict[str, dict]] = {}
+    for job in jobs:
+        if job["status"] != "ok" or job["workload"] == "peak":
+            continue
+        for rec in job["records"]:
+            slot = out.setdefault(rec["workload"], {}).setdefault(
+                job["peer"], {"times": [], "round_medians": [], "records": [], "rss": []})
+            slot["times"] += list(rec["all"])
+            slot["round_medians"].append(rec["median"])
+            slot["records"].append(rec)
+            if job.get("peak_rss_mib") is not None:
+                slot["rss"].append(job["peak_rss_mib"])
+    summary: dict[str, dict[str, dict]] = {}
+    for workload, peers in out.items():
+        for peer, slot in peers.items():
+            recs, times = slot["records"], slot["times"]
+            med = statistics.median(times)
+            s: dict[str, Any] = {"median_s": med, "min_s": min(times), "max_s": max(times),
+                                 "n": len(times), "rounds": len(recs),
+                                 "round_medians_s": slot["round_medians"],
+                                 "peak_rss_mib": max(slot["rss"]) if slot["rss"] else None,
+                                 "variant": recs[0].get("variant", "")}
+            tokens = recs[0].get("tokens_per_iter")
+            if tokens:
+                s["tokens_per_iter"] = tokens
+                s["tokens_per_s"] = tokens / med
+            flops = recs[0].get("flops_per_step")
+            if flops:
+                s["flops_per_step"] = flops
+                s["achieved_gflops"] = flops / med / 1e9
+                if peak:
+                    s["mfu"] = mfu(flops, med, peak["gflops"])
+            for k in SPLIT:
+                vals = [r[f"{k}_median"] for r in recs if r.get(f"{k}_median") is not None]
+                if vals:
+                    s[f"{k}_s"] = statistics.median(vals)
+            summary.setdefault(workload, {})[peer] = s
+    for workload, peers in summary.items():
+        ref = peers.get(REFERENCE_PEER)
+        for peer, s in peers.items():
+            s["ratio"] = ratio(workload, ref, s) if ref else None
+    return summary
+
+
+def ratio(workload: str, ref: dict, peer: dict) -> float:
+    """jaxpost against a peer: tokens/s ÷ the peer's (W-SFT, W-GEN; > 1: jaxpost faster),
+    s/step ÷ the peer's (W-GRPO; < 1: jaxpost faster)."""
+    if workload == "W-GRPO":
+        return ref["median_s"] / peer["median_s"]
+    return ref["tokens_per_s"] / peer["tokens_per_s"]
+
+
+def _f(x: float | None, fmt: str = ".3f") -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def _label(peer: str, s: dict) -> str:
+    name = LABELS.get(peer, peer)
+    return f"{name} ({s['variant']})" if s.get("variant") else name
+
+
+def render(result: dict) -> str:
+    """The markdown table of a run (`benchmarks.run` result dict)."""
+    m, summary, peak = result["machine"], result["summary"], result.get("peak")
+    lines = [f"# Benchmarks {result['started_utc']}", "",
+             f"Machine: {m['cpu_model']}, {m['cores']} cores; load average before "
+             f"{m['loadavg_before']}, after {m['loadavg_after']}.  ",
+             f"Command: `{result['command']}`  ",
+             f"jaxpost commit {result['git']}; rounds {result['options']['rounds']}"
+             + ("; **--quick: a smoke test, not a measurement**" if result['options']['quick']
+                else ""), ""]
+    order = list(result["options"]["peers"])
+    for workload in WORKLOADS:
+        peers = summary.get(workload)
+        if not peers:
+            continue
+        grpo = workload == "W-GRPO"
+        tokens = next(iter(peers.values())).get("tokens_per_iter")
+        if grpo:
+            lines += [f"## {workload} (s/step, lower is better; {tokens} completion tokens "
+                      "per step; ratio = jaxpost's time ÷ the peer's)", "",
+                      "| peer | s/step median | min–max | tokens/s | jaxpost ÷ peer (time) "
+                      "| rollout s | reward s | reference s | update s | peak RSS MiB | n | round medians |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        else:
+            unit = "s/step" if workload == "W-SFT" else "s/call"
+            lines += [f"## {workload} (tokens/s, higher is better; {tokens} tokens per "
+                      f"{unit[2:]}; ratio = jaxpost's tokens/s ÷ the peer's)", "",
+                      f"| peer | {unit} median | min–max | tokens/s | jaxpost ÷ peer "
+                      f"(tokens/s) |{' MFU |' if workload == 'W-SFT' else ''} "
+                      "peak RSS MiB | n | round medians |",
+                      "|---|---|---|---|---|" + ("---|" if workload == "W-SFT" else "")
+                      + "---|---|---|"]
+        for peer in sorted(peers, key=lambda p: order.index(p) if p in order else 99):
+            s = peers[peer]
+            row = [_label(peer, s), _f(s["median_s"]), f"{_f(s['min_s'])}–{_f(s['max_s'])}",
+                   _f(s.get("tokens_per_s"), ".0f"), _f(s.get("ratio"), ".2f") + "×"
+                   if s.get("ratio") is not None else "—"]
+            if grpo:
+                row += [_f(s.get(f"{k}_s")) for k in ("rollout", "reward", "reference",
+                                                        "update")]
+            elif workload == "W-SFT":
+                row.append(_f(s.get("mfu"), ".2f"))
+            row += [_f(s.get("peak_rss_mib"), ".0f"), str(s["n"]),
+                    " / ".join(_f(x) for x in s["round_medians_s"])]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    if peak:
+        fw = ", ".join(f"{k} {v:.0f}" for k, v in sorted(peak["per_framework_gflops"].items()))
+        lines += [f"Float32 matmul peak of this run: **{peak['gflops']:.0f} GFLOP/s** "
+                  f"({peak['framework']}, n={peak['n']}; best per framework: {fw}); "
+                  "MFU = W-SFT's model FLOPs per second ÷ this.", ""]
+    lines += ["Medians and min–max over every timed iteration of every round (round "
+              "medians: each round's own, in round order); tokens/s at "
+              "the median; the W-GRPO split is the median over rounds of each round's "
+              "phase medians (TRL: reward is inside reference); peak RSS is the largest "
+              "of the processes that ran only that workload.", ""]
+    for peer, info in result["peers"].items():
+        if info["status"] == "not_installed":
+            lines.append(f"- {LABELS.get(peer, peer)}: not installed ({info['error']})")
+    for job in result["jobs"]:
+        if job["status"] == "failed":
+            lines.append(f"- {LABELS.get(job['peer'], job['peer'])} {job['workload']} "
+                         f"(round {job['round']}): failed: {job['error']}")
+    versions = {p: i["versions"] for p, i in result["peers"].items() if i.get("versions")}
+    if versions:
+        lines += ["", "Versions: " + "; ".join(
+            f"{LABELS.get(p, p)}: " + ", ".join(f"{k} {v}" for k, v in vs.items() if v != "")
+            for p, vs in versions.items())]
+    return "\n".join(lines).rstrip() + "\n"
