@@ -169,8 +169,8 @@ def render() -> str:
             ("size", '"large"'),
             ("srcs", _string_list(sorted([RUNNER, rel]))),
             ("args", _string_list([rel])),
-            ("data", 'glob([\n        "colab/*",\n        "configs/*.py",\n'
-                     '        "scripts/**",\n    ]) + ["requirements.txt"]'),
+            ("data", 'glob([\n        "benchmarks/**/*.py",\n        "colab/*",\n'
+                     '        "configs/*.py",\n        "scripts/**",\n    ]) + ["requirements.txt"]'),
             ("main", f'"{RUNNER}"'),
         ]
         if imported & set(PARITY_MODULES):
