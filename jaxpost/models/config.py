@@ -67,7 +67,9 @@ class ModelConfig:
     initializer_range: float = 0.02  # std of the normal init for random models
     param_dtype: str = "float32"  # storage dtype of parameters (master weights)
     dtype: str = "float32"  # compute dtype of activations and matmuls
-    scan_layers: bool = True  # lax.scan over layers (fast compile); False unrolls them
+    # lax.scan over layers (fast compile) or unrolled; None: unrolled on CPU, where XLA
+    # copies each layer's weights out of the stack at every scan step, scanned elsewhere
+    scan_layers: bool | None = None
     remat_policy: str = "none"  # activation checkpointing per layer, see REMAT_POLICIES
     # LoRA (jaxpost.peft.lora): a Linear whose params hold `lora_a`/`lora_b` adds
     # lora_scale·(dropout(x)·A)·B. Static numerics of the forward pass, never in config.json.
@@ -101,6 +103,14 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+    def scans_layers(self, platform: str | None = None) -> bool:
+        """Whether the layers run under `lax.scan`: `scan_layers`, or when it is None,
+        everywhere but on CPU (`platform`, default: JAX's default backend)."""
+        if self.scan_layers is not None:
+            return bool(self.scan_layers)
+        import jax  # the config module itself stays free of JAX
+        return (platform or jax.default_backend()) != "cpu"
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> "ModelConfig":

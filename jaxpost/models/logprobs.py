@@ -13,12 +13,22 @@ def vocab_logprobs(logits: jax.Array) -> jax.Array:
     return logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
 
 
-def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """log p(target) per position in float32: logits [B, T, V], targets [B, T] -> [B, T]."""
+def token_logprobs(logits: jax.Array, targets: jax.Array, *, with_hits: bool = False):
+    """log p(target) per position in float32: logits [B, T, V], targets [B, T] -> [B, T].
+
+    With `with_hits`, returns `(logp, hits)`: `hits` is 1.0 where the target's logit is
+    the row's maximum (the argmax prediction is right; a tie counts as a hit), from the
+    same max the log-sum-exp subtracts, so token accuracy costs no extra pass over the
+    vocabulary.
+    """
     logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
+    peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+    lse = peak + jnp.log(jnp.sum(jnp.exp(logits - peak[..., None]), axis=-1))
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return picked - lse
+    logp = picked - lse
+    if with_hits:
+        return logp, (picked >= peak).astype(jnp.float32)
+    return logp
 
 
 def token_kl(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:

@@ -2,8 +2,11 @@
 
 Layer parameters are stacked along a leading `layers` axis (one pytree layout whatever
 `scan_layers` says): `scan_layers=True` runs them with `lax.scan`, False unrolls the same
-scan. Checkpoints, freeze rules and LoRA therefore see one layout, and a layer is picked
-by index on that axis.
+scan, None (the default) unrolls on CPU and scans elsewhere: inside a scan XLA:CPU copies
+every layer's weights, activations and gradients in and out of the stacked buffers at each
+step (unrolled, a tiny-llama SFT step is ~5% faster there), while on accelerators the scan
+keeps compile times flat in depth. Checkpoints, freeze rules and LoRA therefore see one
+layout, and a layer is picked by index on that axis.
 
 `Transformer(cfg, layer_params="per_layer")` is the same model over a second layout, for
 inference: each layer's parameters are their own subtree `layers_0 .. layers_{L-1}` (made
@@ -167,10 +170,11 @@ class Transformer(nn.Module):
         x = constrain(x, _ACT)
 
         per_layer = self.layer_params == "per_layer"
+        scan = cfg.scans_layers()
         layer_cls = DecoderLayer
         if cfg.remat_policy != "none":
             layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[cfg.remat_policy],
-                                 prevent_cse=per_layer or not cfg.scan_layers)
+                                 prevent_cse=per_layer or not scan)
         if per_layer:
             new_k, new_v = [], []
             for i in range(cfg.num_layers):
@@ -188,7 +192,7 @@ class Transformer(nn.Module):
                 split_rngs={"params": True, "dropout": True},  # dropout: LoRA adapters
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.num_layers,
-                unroll=1 if cfg.scan_layers else cfg.num_layers,
+                unroll=1 if scan else cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, name="layers")
             # The KV cache rides in the scan carry, so decode steps update it in place.

@@ -51,7 +51,7 @@ class ModelSection:
     max_position_embeddings: int = 2048  # longest position the model is meant for
     dtype: str = "float32"  # compute dtype ("bfloat16" for mixed precision)
     param_dtype: str = "float32"  # master-weight dtype
-    scan_layers: bool = True  # lax.scan over layers (False: unrolled)
+    scan_layers: bool | None = None  # lax.scan over layers; False: unrolled; None: unrolled on CPU only
     remat_policy: str = "none"  # "none", "full", "dots", "dots_with_no_batch_dims"
 
     def __post_init__(self):

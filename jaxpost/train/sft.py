@@ -34,11 +34,16 @@ def make_sft_loss(cfg: ModelConfig):
     model = Transformer(cfg)
 
     def loss_fn(params, batch, rng):
-        logits = model.apply({"params": params}, batch["tokens"], positions=batch.get("positions"),
+        tokens = batch["tokens"]
+        logits = model.apply({"params": params}, tokens, positions=batch.get("positions"),
                              segment_ids=batch.get("segment_ids"), rngs=dropout_rngs(cfg, rng))
-        logp = token_logprobs(logits[:, :-1], batch["tokens"][:, 1:])
-        mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
-        correct = (jnp.argmax(logits[:, :-1], axis=-1) == batch["tokens"][:, 1:]).astype(jnp.float32)
+        # Position t predicts tokens[t + 1]; the last position gets a dummy target and a 0
+        # weight. Slicing logits[:, :-1] instead would copy the [B, T, V] logits (and pad
+        # their gradient back), the largest tensor of the step.
+        targets = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
+        logp, correct = token_logprobs(logits, targets, with_hits=True)
+        weights = batch["loss_mask"].astype(jnp.float32)
+        mask = jnp.concatenate([weights[:, 1:], jnp.zeros_like(weights[:, :1])], axis=1)
         count = jnp.sum(mask)
         aux = {"token_accuracy": (jnp.sum(correct * mask), count)}
         return -jnp.sum(logp * mask), count, aux

@@ -1,6 +1,7 @@
 """Properties of the Linen transformer that hold without a reference implementation."""
 
 import functools
+import re
 
 import chex
 import flax.linen as nn
@@ -60,10 +61,26 @@ def test_scan_unrolled_and_remat_give_the_same_logits(family):
     ref = _apply(cfg)(params, tokens)
     chex.assert_shape(ref, (2, 9, cfg.vocab_size))
     assert ref.dtype == jnp.float32
-    for variant in (cfg.replace(scan_layers=False), cfg.replace(remat_policy="full"),
+    for variant in (cfg.replace(scan_layers=True), cfg.replace(scan_layers=False),
+                    cfg.replace(scan_layers=True, remat_policy="full"),
                     cfg.replace(scan_layers=False, remat_policy="dots")):
         out = _apply(variant)(params, tokens)
         np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_scan_layers_none_unrolls_on_cpu_only_and_an_explicit_choice_wins():
+    cfg = tiny("llama")
+    assert cfg.scan_layers is None
+    assert not cfg.scans_layers("cpu") and cfg.scans_layers("tpu") and cfg.scans_layers("gpu")
+    assert cfg.replace(scan_layers=True).scans_layers("cpu")
+    assert not cfg.replace(scan_layers=False).scans_layers("tpu")
+    # On this CPU backend the default fully unrolls the layer scan; True keeps the loop.
+    params = init_params(cfg, jax.random.key(0))
+
+    def unroll(c):
+        return re.findall(r"unroll=(\d+)", str(jax.make_jaxpr(_apply(c))(params, _tokens(1, 4))))
+    assert unroll(cfg) == [str(cfg.num_layers)]
+    assert unroll(cfg.replace(scan_layers=True)) == ["1"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
