@@ -73,6 +73,9 @@ class SamplingConfig:
     eos_ids: tuple[int, ...] | None = None  # None: the model config's eos_token_ids
     stop_ids: tuple[int, ...] = ()  # extra tokens that end a sequence (and are kept)
     pad_id: int = 0  # written to `tokens` after a sequence has ended
+    # Completions per prompt (vLLM's `n`): output rows i*n .. i*n+n-1 continue prompt i,
+    # whose prefill runs once and whose KV cache the n rows share (GRPO's groups).
+    num_samples: int = 1
 
     def __post_init__(self):
         for name in ("eos_ids", "stop_ids"):
@@ -81,6 +84,9 @@ class SamplingConfig:
                 if isinstance(value, (int, np.integer)):
                     value = (value,)
                 object.__setattr__(self, name, tuple(int(v) for v in value))
+        if not isinstance(self.num_samples, (int, np.integer)) or self.num_samples < 1:
+            raise ValueError(
+                f"SamplingConfig.num_samples={self.num_samples!r}: must be an int >= 1")
         if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens < 1:
             raise ValueError(
                 f"SamplingConfig.max_new_tokens={self.max_new_tokens!r}: must be an int >= 1")
@@ -291,12 +297,28 @@ class _Runner:
 
 
 def _prefill(runner: _Runner, prompts: jax.Array, prompt_lengths: jax.Array,
-             max_len: int) -> tuple[jax.Array, KVCache]:
-    """Prompts (right-padded) -> logits [B, V] of the token after each prompt, and the
-    cache (index P). Left padding puts every row's last prompt token at P - 1."""
+             max_len: int, num_samples: int = 1) -> tuple[jax.Array, KVCache]:
+    """Prompts (right-padded) -> logits [B * n, V] of the token after each prompt, and the
+    cache (index P), each prompt's row repeated `num_samples` (n) times after its one
+    prefill. Left padding puts every row's last prompt token at P - 1."""
     tokens, segment_ids = left_pad(prompts, prompt_lengths)
     cache = runner.init_cache(prompts.shape[0], max_len)
-    return runner(tokens, segment_ids, cache, last_only=True)
+    logits, cache = runner(tokens, segment_ids, cache, last_only=True)
+    if num_samples > 1:
+        logits, cache = _repeat_rows(logits, cache, num_samples)
+        cache = _constrain_cache(cache, runner.axes)
+    return logits, cache
+
+
+def _repeat_rows(logits: jax.Array, cache: KVCache, n: int) -> tuple[jax.Array, KVCache]:
+    """Every row of the logits and the cache repeated n times, in place (row i -> rows
+    i*n .. i*n+n-1); the batch axis of a stacked k / v [L, B, ...] is 1."""
+    axis = 0 if cache.layer_params == "per_layer" else 1
+    rep = lambda x: jnp.repeat(x, n, axis=axis)  # noqa: E731
+    k = tuple(rep(x) for x in cache.k) if axis == 0 else rep(cache.k)
+    v = tuple(rep(x) for x in cache.v) if axis == 0 else rep(cache.v)
+    return jnp.repeat(logits, n, axis=0), KVCache(
+        k=k, v=v, key_mask=jnp.repeat(cache.key_mask, n, axis=0), index=cache.index)
 
 
 def _decode_step(runner: _Runner, tokens: jax.Array, active: jax.Array,
@@ -434,7 +456,7 @@ def generate(model_cfg: ModelConfig, params, prompts: jax.Array, prompt_lengths:
     with _rules(mesh, rules):
         runner = _Runner(model_cfg, params, unstack_layers)
         logits, cache = _prefill(runner, prompts, prompt_lengths,
-                                 prompts.shape[1] + cfg.max_new_tokens)
+                                 prompts.shape[1] + cfg.max_new_tokens, cfg.num_samples)
         out, _ = _decode(runner, logits, cache, rng, jnp.float32(cfg.temperature),
                          jnp.float32(cfg.top_p), **_static_args(model_cfg, cfg))
     return out
@@ -509,15 +531,16 @@ class Sampler:
                                         shapes, self.mesh, self.rules)
 
     def _prefill_fn(self, batch: int, prompt_len: int, max_len: int,
-                    param_shardings=None) -> Callable:
-        key = ("prefill", batch, prompt_len, max_len, jax.tree.structure(param_shardings))
+                    param_shardings=None, num_samples: int = 1) -> Callable:
+        key = ("prefill", batch, prompt_len, max_len, jax.tree.structure(param_shardings),
+               num_samples)
         if key not in self._compiled:
             cfg, mesh, rules, unstack = self.model_cfg, self.mesh, self.rules, self.unstack_layers
 
             def prefill_fn(params, prompts, prompt_lengths):
                 with _rules(mesh, rules):
                     return _prefill(_Runner(cfg, params, unstack), prompts, prompt_lengths,
-                                    max_len)
+                                    max_len, num_samples)
 
             if mesh is None:
                 self._compiled[key] = jax.jit(prefill_fn)
@@ -527,8 +550,8 @@ class Sampler:
                     prefill_fn,
                     in_shardings=(param_shardings,
                                   self._named(("batch", None), (batch, prompt_len)), rows),
-                    out_shardings=(self._logits_sharding(batch),
-                                   self._cache_shardings(batch, max_len)))
+                    out_shardings=(self._logits_sharding(batch * num_samples),
+                                   self._cache_shardings(batch * num_samples, max_len)))
         return self._compiled[key]
 
     def _logits_sharding(self, batch: int) -> NamedSharding:
@@ -574,7 +597,8 @@ class Sampler:
           cfg: sampling settings.
 
         Returns:
-          A `SampleOutput` (dispatched asynchronously, like any jitted result).
+          A `SampleOutput` (dispatched asynchronously, like any jitted result) of
+          `B * cfg.num_samples` rows, prompt-major.
         """
         if not isinstance(prompts, jax.Array):
             prompts = np.asarray(prompts)
@@ -588,8 +612,9 @@ class Sampler:
         batch, prompt_len = prompts.shape
         max_len = prompt_len + static["max_new_tokens"]
         param_shardings = None if self.mesh is None else self._shardings_of(params)
-        prefill_fn = self._prefill_fn(batch, prompt_len, max_len, param_shardings)
-        decode_fn = self._decode_fn(batch, max_len, static, param_shardings)
+        n = int(cfg.num_samples)
+        prefill_fn = self._prefill_fn(batch, prompt_len, max_len, param_shardings, n)
+        decode_fn = self._decode_fn(batch * n, max_len, static, param_shardings)
         if self.mesh is not None:
             params = jax.device_put(params, param_shardings)
             prompts = jax.device_put(prompts, self._named(("batch", None), prompts.shape))

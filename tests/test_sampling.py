@@ -390,3 +390,28 @@ def test_sharded_sampler_equals_single_device(params, greedy):
     np.testing.assert_array_equal(out.tokens, greedy.tokens)
     np.testing.assert_allclose(out.logprobs, greedy.logprobs, atol=1e-4)
     np.testing.assert_array_equal(out.lengths, greedy.lengths)
+
+
+# ------------------------------------------------------------------- num_samples
+@pytest.mark.parametrize("unstack", [True, False])
+def test_num_samples_equals_sampling_the_repeated_prompts(params, unstack):
+    """n completions per prompt from one prefill: the same tokens, log-probs and lengths
+    as sampling each prompt's n copies (same rng), prompt-major rows, both cache layouts."""
+    n = 3
+    cfg = GREEDY.replace(temperature=1.0, eos_ids=(5,))
+    sampler = Sampler(CFG, unstack_layers=unstack)
+    shared = jax.device_get(sampler(params, _prompts(), LENGTHS, jax.random.key(4),
+                                    cfg.replace(num_samples=n)))
+    repeated = jax.device_get(sampler(params, np.repeat(_prompts(), n, 0),
+                                      np.repeat(LENGTHS, n), jax.random.key(4), cfg))
+    chex.assert_shape(shared.tokens, (B * n, N))
+    np.testing.assert_array_equal(shared.tokens, repeated.tokens)
+    np.testing.assert_array_equal(shared.lengths, repeated.lengths)
+    np.testing.assert_allclose(shared.logprobs, repeated.logprobs, atol=1e-5)
+    # rows of one prompt differ from each other (independent draws)
+    assert len({tuple(r) for r in shared.tokens[:n]}) > 1
+
+
+def test_num_samples_must_be_a_positive_int():
+    with pytest.raises(ValueError, match="num_samples=0"):
+        SamplingConfig(num_samples=0)

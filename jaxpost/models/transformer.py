@@ -115,6 +115,10 @@ class Transformer(nn.Module):
         full-vocabulary head over every prompt position is the most expensive matmul of
         the call. With left-padded rows (as the sampler writes them) the last position is
         every row's last real token.
+      output_slice: `(start, stop)`, static: compute the output at positions
+        `start .. stop-1` only ([B, stop - start, vocab] logits, or hidden). A GRPO
+        update needs the logits of the completion positions alone; the head over the
+        prompt positions would be wasted work (the most expensive matmul per position).
       inputs_embeds: [B, T, hidden] input embeddings to run the layers on instead of
         `embed_tokens(tokens)` (Hugging Face's `inputs_embeds`), for inputs that are not
         (only) vocabulary rows: a reward model's gaze vectors added to or placed among
@@ -129,7 +133,8 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
                  *, return_hidden: bool = False, with_hidden: bool = False,
-                 last_only: bool = False, inputs_embeds: jax.Array | None = None):
+                 last_only: bool = False, inputs_embeds: jax.Array | None = None,
+                 output_slice: tuple[int, int] | None = None):
         cfg = self.cfg
         check_layer_layout(self.layer_params, "Transformer")
         if return_hidden and with_hidden:
@@ -201,8 +206,16 @@ class Transformer(nn.Module):
             if cache is not None:
                 new_k, new_v, _ = layer_caches
 
+        if last_only and output_slice is not None:
+            raise ValueError("Transformer: pass last_only or output_slice, not both")
         if last_only:
             x = x[:, -1]
+        elif output_slice is not None:
+            start, stop = output_slice
+            if not 0 <= start < stop <= t:
+                raise ValueError(f"output_slice={output_slice} is not a range of positions "
+                                 f"within the {t} of the input")
+            x = x[:, start:stop]
         x = RMSNorm(cfg.rms_norm_eps, cfg, name="norm")(x)
         if return_hidden:
             out = x

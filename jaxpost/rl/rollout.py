@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpost.models import ModelConfig, Transformer, token_logprobs
+from jaxpost.models import KVCache, ModelConfig, Transformer, token_logprobs
 from jaxpost.models.layers import dropout_rngs
 
 
@@ -51,28 +51,75 @@ def build_rows(prompt_ids: list[list[int]], completions: np.ndarray, lengths: np
 
 def completion_logits(model_cfg: ModelConfig, params, rows, prompt_len: int,
                       completion_len: int, temperature: float,
-                      rng: jax.Array | None = None) -> jax.Array:
+                      rng: jax.Array | None = None, *, group_size: int = 1) -> jax.Array:
     """float32 logits [N, C, V] / `temperature` that predict the completion tokens of
     `rows` (`tokens`, `positions`, `segment_ids` laid out as by `build_rows`); `rng`
-    drives LoRA dropout in training passes (None: deterministic)."""
+    drives LoRA dropout in training passes (None: deterministic). The head runs on the
+    completion positions only.
+
+    `group_size` G > 1 declares that rows `g*G .. g*G+G-1` share one prompt (GRPO's
+    groups): the prompt is then run once per group, its keys and values shared by the
+    group's completions through a KV cache, the same model and the same logits (up to
+    float rounding) for `(P + C) / (P/G + C)` fewer layer FLOPs per row (1.6x at
+    P = C, G = 4). Rows that do not share their prompt give wrong logits: the caller
+    vouches for the grouping. Under LoRA dropout a group's prompt positions then share
+    one dropout mask.
+    """
+    p, c = prompt_len, completion_len
+    if group_size > 1:
+        return _shared_prompt_logits(model_cfg, params, rows, p, c, rng,
+                                     group_size) / temperature
     logits = Transformer(model_cfg).apply(
         {"params": params}, rows["tokens"], positions=rows["positions"],
-        segment_ids=rows["segment_ids"], rngs=dropout_rngs(model_cfg, rng))
-    p, c = prompt_len, completion_len
-    return logits[:, p - 1:p + c - 1].astype(jnp.float32) / temperature
+        segment_ids=rows["segment_ids"], rngs=dropout_rngs(model_cfg, rng),
+        output_slice=(p - 1, p + c - 1))
+    return logits.astype(jnp.float32) / temperature
+
+
+def _shared_prompt_logits(model_cfg: ModelConfig, params, rows, p: int, c: int,
+                          rng: jax.Array | None, group_size: int) -> jax.Array:
+    """`completion_logits` (before the temperature) with one prompt pass per group: the
+    group's first row's prompt fills a KV cache, which is repeated to the group's rows;
+    the completions (but their last token, which predicts nothing) then attend to it."""
+    n = rows["tokens"].shape[0]
+    if n % group_size:
+        raise ValueError(f"{n} rollout rows are not whole groups of group_size={group_size}")
+    model = Transformer(model_cfg)
+    variables = {"params": params}
+    rng_prompt, rng_completion = (None, None) if rng is None else jax.random.split(rng)
+    head = {k: rows[k][::group_size, :p] for k in ("tokens", "positions", "segment_ids")}
+    cache = KVCache.init(model_cfg, n // group_size, p + c)
+    last, cache = model.apply(
+        variables, head["tokens"], positions=head["positions"],
+        segment_ids=head["segment_ids"], cache=cache, last_only=True,
+        rngs=dropout_rngs(model_cfg, rng_prompt))
+    # Left padding puts every prompt's last token at column p - 1: `last` predicts the
+    # first completion token. The cache's batch axis is 1 for k / v [L, B, S, ...].
+    cache = KVCache(k=jnp.repeat(cache.k, group_size, axis=1),
+                    v=jnp.repeat(cache.v, group_size, axis=1),
+                    key_mask=jnp.repeat(cache.key_mask, group_size, axis=0), index=cache.index)
+    tail = {k: rows[k][:, p:p + c - 1] for k in ("tokens", "positions", "segment_ids")}
+    rest, _ = model.apply(
+        variables, tail["tokens"], positions=tail["positions"],
+        segment_ids=tail["segment_ids"], cache=cache,
+        rngs=dropout_rngs(model_cfg, rng_completion))
+    first = jnp.repeat(last, group_size, axis=0)[:, None]
+    return jnp.concatenate([first, rest], axis=1).astype(jnp.float32)
 
 
 def completion_logprobs(model_cfg: ModelConfig, params, rows, prompt_len: int,
                         completion_len: int, temperature: float, *,
-                        return_logits: bool = False, rng: jax.Array | None = None):
+                        return_logits: bool = False, rng: jax.Array | None = None,
+                        group_size: int = 1):
     """log p(completion token) [N, C] under `log_softmax(logits / temperature)`.
 
     The same quantity the sampler reports (before top-k / top-p truncation), recomputed
-    with one forward pass over `rows`. With `return_logits`, returns `(logp, logits)`,
-    `logits` as `completion_logits` gives them (e.g. for the entropy).
+    with one forward pass over `rows` (`group_size`: see `completion_logits`). With
+    `return_logits`, returns `(logp, logits)`, `logits` as `completion_logits` gives them
+    (e.g. for the entropy).
     """
     logits = completion_logits(model_cfg, params, rows, prompt_len, completion_len,
-                               temperature, rng)
+                               temperature, rng, group_size=group_size)
     logp = token_logprobs(logits, rows["tokens"][:, prompt_len:])
     return (logp, logits) if return_logits else logp
 

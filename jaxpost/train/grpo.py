@@ -102,6 +102,7 @@ class GRPOSection:
     mask_truncated_completions: bool = False  # DAPO overlong filtering: no loss on truncated rows
     old_logprobs: Literal["recompute", "sampler"] = "recompute"  # mu > 1: old policy from a forward pass or the sampler
     warn_zero_std_rollouts: int = 10  # warn when this many rollout batches in a row have no reward spread in any group (0: never)
+    share_prompt_pass: bool = True  # each group's prompt runs once (its KV cache shared by the group) when sampling, scoring the reference and updating: same logits, ~1.6x fewer layer FLOPs per row at P = C, G = 4
 
     def __post_init__(self):
         if self.num_generations < 2:
@@ -224,14 +225,27 @@ class EntropyController:
         self.last_entropy = float("inf") if last is None else float(last)
 
 
-def make_grpo_loss(model_cfg: ModelConfig, g: GRPOSection):
-    """`loss_fn(params, batch, rng)` of the clipped surrogate (+ beta * k3 KL)."""
+def prompt_group_size(g: GRPOSection, grad_accum_steps: int = 1) -> int:
+    """Rows per shared prompt in each (micro-)batch the GRPO objective sees, 1 when the
+    prompt pass is not shared. A rollout batch holds each prompt's `num_generations`
+    completions in consecutive rows; `train.step.split_microbatches` deals rows out
+    strided, so with `grad_accum_steps` dividing G each micro-batch holds G / accum
+    consecutive rows per prompt (otherwise the groups break up: no sharing)."""
+    if not g.share_prompt_pass or g.num_generations % grad_accum_steps:
+        return 1
+    return g.num_generations // grad_accum_steps
+
+
+def make_grpo_loss(model_cfg: ModelConfig, g: GRPOSection, group_size: int = 1):
+    """`loss_fn(params, batch, rng)` of the clipped surrogate (+ beta * k3 KL);
+    `group_size` > 1 runs each group's prompt once (`prompt_group_size`)."""
     p, c = g.max_prompt_length, g.max_completion_length
     eps_high = g.epsilon_high or g.epsilon
 
     def loss_fn(params, batch, rng):
         logp, logits = completion_logprobs(model_cfg, params, batch, p, c, g.temperature,
-                                           return_logits=True, rng=rng)
+                                           return_logits=True, rng=rng,
+                                           group_size=group_size)
         mask = batch["completion_mask"]
         # The first update on a rollout batch uses the current policy as the old one, so its
         # ratio is exactly 1; later iterations use the stored old-policy log-probs.
@@ -253,9 +267,10 @@ def make_grpo_loss(model_cfg: ModelConfig, g: GRPOSection):
 
 
 def make_logprob_fn(model_cfg: ModelConfig, g: GRPOSection, mesh, param_shardings=None,
-                    rules=sh.DEFAULT_RULES):
+                    rules=sh.DEFAULT_RULES, group_size: int = 1):
     """Jitted `(params, rows) -> logp [N, C]` of the completion tokens (old / reference);
-    `rows` holds `tokens`, `positions` and `segment_ids` as laid out by `build_rows`.
+    `rows` holds `tokens`, `positions` and `segment_ids` as laid out by `build_rows`
+    (`group_size`: rows per shared prompt, see `completion_logits`).
 
     Without `param_shardings` the params keep the shardings they have on the mesh (the
     policy with its adapters and the reference without them are two trees: two
@@ -264,7 +279,8 @@ def make_logprob_fn(model_cfg: ModelConfig, g: GRPOSection, mesh, param_sharding
 
     def fn(params, rows):
         with sh.logical_rules(mesh, rules):
-            return completion_logprobs(model_cfg, params, rows, p, c, g.temperature)
+            return completion_logprobs(model_cfg, params, rows, p, c, g.temperature,
+                                       group_size=group_size)
 
     if param_shardings is None:
         return jax.jit(fn)
@@ -304,13 +320,14 @@ class GRPOTask:
         # Token credit (jaxpost.rl.credit): per-token weights of each completion.
         self.credit = resolve_token_credit(cfg.token_credit) if cfg.token_credit else None
         self.cfg, self.g, self.tokenizer, self.mesh = cfg, g, tokenizer, mesh
-        self.loss_fn = make_grpo_loss(model_cfg, g)
+        self.loss_fn = make_grpo_loss(model_cfg, g, prompt_group_size(g, cfg.grad_accum_steps))
         self.sampler = Sampler(model_cfg, mesh)
         self.sampling = SamplingConfig(
             max_new_tokens=g.max_completion_length, temperature=g.temperature, top_p=g.top_p,
             top_k=g.top_k, pad_id=tokenizer.pad_id,
             eos_ids=model_cfg.eos_token_ids or (tokenizer.eos_id,))
-        self.logprob_fn = make_logprob_fn(model_cfg, g, mesh)
+        self.logprob_fn = make_logprob_fn(model_cfg, g, mesh,
+                                          group_size=prompt_group_size(g))
         # state -> the starting policy's params (the KL anchor; also after a resume).
         self.reference = reference
         if g.beta > 0 and reference is None:
@@ -341,12 +358,14 @@ class GRPOTask:
         rows = [r for r in records for _ in range(g.num_generations)]
         prompt_ids = [r["prompt_ids"][-g.max_prompt_length:] for r in rows]
         width = g.max_prompt_length
-        prompts, lengths = pad_prompts(prompt_ids, self.tokenizer.pad_id, width=width)
+        # Shared prompt pass: one prefill per prompt, its cache shared by the G rows.
+        n = g.num_generations if g.share_prompt_pass else 1
+        prompts, lengths = pad_prompts(prompt_ids[::n], self.tokenizer.pad_id, width=width)
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1)
         # Multi-host: every process samples its own prompts' rows of one global batch.
         mine = sh.shard_batch({"prompts": prompts, "lengths": lengths}, self.mesh)
         out = sh.local_rows(self.sampler(state.params, mine["prompts"], mine["lengths"], rng,
-                                         self.sampling))
+                                         self.sampling.replace(num_samples=n)))
         t_sample = time.perf_counter() - t0
 
         completions = [self.tokenizer.decode(out.tokens[i, :out.lengths[i]].tolist(),

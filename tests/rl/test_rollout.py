@@ -1,7 +1,9 @@
 """jaxpost/rl/rollout.py: rollout row layout and completion log-probs."""
 
+import chex
 import jax
 import numpy as np
+import pytest
 
 from jaxpost.models import Transformer, init_params, tiny
 from jaxpost.rl.rollout import build_rows, completion_logits, completion_logprobs
@@ -42,3 +44,49 @@ def test_completion_logprobs_are_log_softmax_of_scaled_logits_at_the_completion_
     np.testing.assert_array_equal(logp, completion_logprobs(CFG, params, rows, p, c, temperature))
     np.testing.assert_array_equal(logits, completion_logits(CFG, params, rows, p, c, temperature))
     np.testing.assert_allclose(logits, full[:, p - 1:p + c - 1], rtol=1e-5, atol=1e-5)
+
+
+def _group_rows(p=6, c=5, groups=3, g=4, seed=1):
+    """`groups` prompts of different lengths, each repeated `g` times, with completions of
+    different lengths (some shorter than `c`, so padding sits inside the groups)."""
+    rng = np.random.default_rng(seed)
+    prompts = [list(rng.integers(1, 64, rng.integers(1, p + 1))) for _ in range(groups)]
+    rows = [pr for pr in prompts for _ in range(g)]
+    return build_rows(rows, rng.integers(1, 64, (groups * g, c)).astype(np.int32),
+                      rng.integers(1, c + 1, groups * g), p, 0)
+
+
+def test_shared_prompt_logits_and_gradients_equal_the_per_row_forward():
+    """group_size=G runs each group's prompt once (a KV cache repeated to its rows): the
+    logits, the masked log-probs and their parameter gradients equal the plain pass."""
+    cfg = tiny("llama", num_layers=2, vocab_size=64)
+    p, c, g, temperature = 6, 5, 4, 0.8
+    params = init_params(cfg, jax.random.key(3))
+    rows = _group_rows(p, c, g=g)
+    mask = rows["completion_mask"]
+
+    def objective(prm, group_size):
+        logp = completion_logprobs(cfg, prm, rows, p, c, temperature, group_size=group_size)
+        return (logp * mask).sum(), logp
+
+    def run(group_size):
+        return jax.jit(jax.value_and_grad(lambda prm: objective(prm, group_size),
+                                          has_aux=True))(params)
+    (total_1, logp_1), grads_1 = run(1)
+    (total_g, logp_g), grads_g = run(g)
+    chex.assert_shape(logp_g, (12, c))
+    np.testing.assert_allclose(logp_g * mask, logp_1 * mask, atol=2e-5)
+    np.testing.assert_allclose(total_g, total_1, rtol=1e-5)
+    chex.assert_trees_all_close(grads_g, grads_1, atol=2e-5, rtol=1e-4)
+    chex.assert_tree_all_finite(grads_g)
+    logits_1 = completion_logits(cfg, params, rows, p, c, temperature)
+    logits_g = completion_logits(cfg, params, rows, p, c, temperature, group_size=g)
+    np.testing.assert_allclose(np.asarray(logits_g)[mask > 0], np.asarray(logits_1)[mask > 0],
+                               atol=2e-5)
+
+
+def test_shared_prompt_logits_refuse_rows_that_are_not_whole_groups():
+    rows = _group_rows(groups=3, g=4)
+    params = init_params(CFG, jax.random.key(0))
+    with pytest.raises(ValueError, match="not whole groups of group_size=5"):
+        completion_logits(CFG, params, rows, 6, 5, 1.0, group_size=5)
