@@ -40,14 +40,16 @@ class KVCache:
 
     All rows write the same slot range at each call (prompts are left-padded by the
     sampler), so the write position is one scalar and the update one dynamic slice.
-    In the "stacked" layout `k` and `v` are single arrays [layers, batch, max_len,
-    kv_heads, head_dim]; in the "per_layer" layout (`Transformer(cfg,
-    layer_params="per_layer")`) they are tuples of one [batch, max_len, kv_heads, head_dim]
-    buffer per layer, so that each layer reads and writes its own buffer in place.
+    In the "stacked" layout `k` and `v` are single arrays [layers, batch, kv_heads,
+    max_len, head_dim]; in the "per_layer" layout (`Transformer(cfg,
+    layer_params="per_layer")`) they are tuples of one [batch, kv_heads, max_len, head_dim]
+    buffer per layer, so that each layer reads and writes its own buffer in place. Heads
+    come before slots so that attention reads a cached head's keys contiguously: with
+    slots first, XLA:CPU transposes every layer's whole cache at every decode step.
     """
 
-    # stacked: [layers, batch, max_len, kv_heads, head_dim]; per_layer: a tuple of
-    # [batch, max_len, kv_heads, head_dim], one per layer.
+    # stacked: [layers, batch, kv_heads, max_len, head_dim]; per_layer: a tuple of
+    # [batch, kv_heads, max_len, head_dim], one per layer.
     k: jax.Array | tuple[jax.Array, ...]
     v: jax.Array | tuple[jax.Array, ...]  # same layout as k
     key_mask: jax.Array  # [batch, max_len] bool: slot holds a real (non-padding) token
@@ -62,7 +64,7 @@ class KVCache:
         """
         check_layer_layout(layer_params, "KVCache.init")
         dt = dtype_of(dtype or cfg.dtype)
-        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         if layer_params == "stacked":
             k = jnp.zeros((cfg.num_layers,) + shape, dt)
             v = jnp.zeros((cfg.num_layers,) + shape, dt)
@@ -88,7 +90,7 @@ class KVCache:
         The "per_layer" layout needs `num_layers` (one entry per buffer).
         """
         check_layer_layout(layer_params, "KVCache.logical_axes")
-        kv = ("cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim")
+        kv = ("cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim")
         if layer_params == "stacked":
             k = v = ("layers",) + kv
         elif num_layers is None:
@@ -134,10 +136,10 @@ class Attention(nn.Module):
     """GQA self-attention; with `layer_cache`, attends over the cache after writing to it.
 
     `layer_cache` is `(k, v, layer)`, in one of two forms:
-      - stacked: the caches of ALL layers [L, B, S, KV, hd] and this layer's int32 index,
+      - stacked: the caches of ALL layers [L, B, KV, S, hd] and this layer's int32 index,
         so the layer scan carries them and every write is in place (a per-layer slice as a
         scan input/output would copy the whole cache at every decode step);
-      - per layer: this layer's own buffers [B, S, KV, hd] and `layer=None`.
+      - per layer: this layer's own buffers [B, KV, S, hd] and `layer=None`.
     The returned cache has the same form (the layer index advanced by one).
     """
 
@@ -162,34 +164,38 @@ class Attention(nn.Module):
         k = apply_rope(k, cos, sin)
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
 
+        dtype = dtype_of(cfg.dtype)
+        groups = h // kv
+        qg = q.reshape(b, t, kv, groups, hd)
+        kv_layout = "bskd"  # keys/values [B, S, KV, hd] as projected
         new_cache = None
         if layer_cache is not None:
+            kv_layout = "bksd"
+            # The new keys/values [B, KV, T, hd] (head-major, as the cache holds them).
+            k = jnp.swapaxes(k, 1, 2)
+            v = jnp.swapaxes(v, 1, 2)
             ck, cv, layer = layer_cache
             if layer is None:
-                # This layer's own buffers [B, S, KV, hd]: write in place, read them whole.
-                start = (0, index, 0, 0)
+                # This layer's own buffers [B, KV, S, hd]: write in place, read them whole.
+                start = (0, 0, index, 0)
                 ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
                 cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
                 new_cache = (ck, cv, None)
                 k, v = ck, cv
             else:
-                # The stacked caches of all layers [L, B, S, KV, hd] and this layer's index:
+                # The stacked caches of all layers [L, B, KV, S, hd] and this layer's index:
                 # write the new keys/values in place, then read this layer's slots.
-                start = (layer, 0, index, 0, 0)
+                start = (layer, 0, 0, index, 0)
                 ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), start)
                 cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), start)
                 new_cache = (ck, cv, layer + 1)
                 k = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
                 v = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
-
-        dtype = dtype_of(cfg.dtype)
-        groups = h // kv
-        qg = q.reshape(b, t, kv, groups, hd)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(dtype),
+        scores = jnp.einsum(f"btkgd,{kv_layout}->bkgts", qg, k.astype(dtype),
                             preferred_element_type=jnp.float32) * (hd ** -0.5)
         scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dtype))
+        out = jnp.einsum(f"bkgts,{kv_layout}->btkgd", probs, v.astype(dtype))
         out = out.reshape(b, t, h * hd)
         out = Linear(cfg.hidden_size, ("heads", "embed"), cfg, name="o_proj")(out)
         return out, new_cache
