@@ -358,8 +358,13 @@ class GRPOTask:
         rows = [r for r in records for _ in range(g.num_generations)]
         prompt_ids = [r["prompt_ids"][-g.max_prompt_length:] for r in rows]
         width = g.max_prompt_length
-        # Shared prompt pass: one prefill per prompt, its cache shared by the G rows.
+        # Shared prompt pass: one prefill per prompt, its cache shared by the G rows;
+        # on several processes only where the prompts alone split over them.
         n = g.num_generations if g.share_prompt_pass else 1
+        if n > 1 and jax.process_count() > 1:
+            spec = sh.batch_sharding(self.mesh, (len(records) * jax.process_count(),)).spec
+            if not spec or spec[0] is None:
+                n = 1
         prompts, lengths = pad_prompts(prompt_ids[::n], self.tokenizer.pad_id, width=width)
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1)
         # Multi-host: every process samples its own prompts' rows of one global batch.
