@@ -167,13 +167,12 @@ class Attention(nn.Module):
         dtype = dtype_of(cfg.dtype)
         groups = h // kv
         qg = q.reshape(b, t, kv, groups, hd)
-        kv_layout = "bskd"  # keys/values [B, S, KV, hd] as projected
+        # Keys/values head-major [B, KV, S, hd] (as the cache holds them), so both
+        # attention products are plain batched matmuls over (batch, kv head).
+        k = jnp.swapaxes(k, 1, 2)
+        v = jnp.swapaxes(v, 1, 2)
         new_cache = None
         if layer_cache is not None:
-            kv_layout = "bksd"
-            # The new keys/values [B, KV, T, hd] (head-major, as the cache holds them).
-            k = jnp.swapaxes(k, 1, 2)
-            v = jnp.swapaxes(v, 1, 2)
             ck, cv, layer = layer_cache
             if layer is None:
                 # This layer's own buffers [B, KV, S, hd]: write in place, read them whole.
@@ -191,18 +190,15 @@ class Attention(nn.Module):
                 new_cache = (ck, cv, layer + 1)
                 k = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
                 v = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
-        scores = jnp.einsum(f"btkgd,{kv_layout}->bkgts", qg, k.astype(dtype),
+        scores = jnp.einsum("btkgd,bksd->bkgts", qg, k.astype(dtype),
                             preferred_element_type=jnp.float32) * (hd ** -0.5)
         scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        if layer_cache is None:
-            out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dtype))
-        else:
-            # A plain batched matmul over (b, k), then the small result to [b, t, k, g, d]:
-            # asked for in that order directly, XLA:CPU contracted the cache's slot axis
-            # as a transposed operand, 17% of a decode step.
-            out = jnp.einsum("bkgts,bksd->bkgtd", probs, v.astype(dtype))
-            out = jnp.transpose(out, (0, 3, 1, 2, 4))
+        # A plain batched matmul over (b, k), then the result to [b, t, k, g, d]: asked
+        # for in that order directly, XLA:CPU contracted the slot axis as a transposed
+        # operand (17% of a decode step).
+        out = jnp.einsum("bkgts,bksd->bkgtd", probs, v.astype(dtype))
+        out = jnp.transpose(out, (0, 3, 1, 2, 4))
         out = out.reshape(b, t, h * hd)
         out = Linear(cfg.hidden_size, ("heads", "embed"), cfg, name="o_proj")(out)
         return out, new_cache
