@@ -305,20 +305,9 @@ def _prefill(runner: _Runner, prompts: jax.Array, prompt_lengths: jax.Array,
     cache = runner.init_cache(prompts.shape[0], max_len)
     logits, cache = runner(tokens, segment_ids, cache, last_only=True)
     if num_samples > 1:
-        logits, cache = _repeat_rows(logits, cache, num_samples)
-        cache = _constrain_cache(cache, runner.axes)
+        logits = jnp.repeat(logits, num_samples, axis=0)
+        cache = _constrain_cache(cache.repeat_rows(num_samples), runner.axes)
     return logits, cache
-
-
-def _repeat_rows(logits: jax.Array, cache: KVCache, n: int) -> tuple[jax.Array, KVCache]:
-    """Every row of the logits and the cache repeated n times, in place (row i -> rows
-    i*n .. i*n+n-1); the batch axis of a stacked k / v [L, B, ...] is 1."""
-    axis = 0 if cache.layer_params == "per_layer" else 1
-    rep = lambda x: jnp.repeat(x, n, axis=axis)  # noqa: E731
-    k = tuple(rep(x) for x in cache.k) if axis == 0 else rep(cache.k)
-    v = tuple(rep(x) for x in cache.v) if axis == 0 else rep(cache.v)
-    return jnp.repeat(logits, n, axis=0), KVCache(
-        k=k, v=v, key_mask=jnp.repeat(cache.key_mask, n, axis=0), index=cache.index)
 
 
 def _decode_step(runner: _Runner, tokens: jax.Array, active: jax.Array,

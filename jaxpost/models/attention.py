@@ -83,6 +83,16 @@ class KVCache:
     def max_len(self) -> int:
         return self.key_mask.shape[1]
 
+    def repeat_rows(self, n: int) -> "KVCache":
+        """Every row repeated n times (row i -> rows i*n .. i*n+n-1), in either layout:
+        one prompt's cache shared by its n completions."""
+        stacked = self.layer_params == "stacked"
+        rep = lambda x: jnp.repeat(x, n, axis=1 if stacked else 0)  # noqa: E731
+        k = rep(self.k) if stacked else tuple(rep(x) for x in self.k)
+        v = rep(self.v) if stacked else tuple(rep(x) for x in self.v)
+        return KVCache(k=k, v=v, key_mask=jnp.repeat(self.key_mask, n, axis=0),
+                       index=self.index)
+
     @staticmethod
     def logical_axes(layer_params: str = "stacked", num_layers: int | None = None) -> "KVCache":
         """Logical axis names of each field, for `jaxpost.sharding`.

@@ -94,10 +94,8 @@ def _shared_prompt_logits(model_cfg: ModelConfig, params, rows, p: int, c: int,
         segment_ids=head["segment_ids"], cache=cache, last_only=True,
         rngs=dropout_rngs(model_cfg, rng_prompt))
     # Left padding puts every prompt's last token at column p - 1: `last` predicts the
-    # first completion token. The cache's batch axis is 1 for k / v [L, B, KV, S, hd].
-    cache = KVCache(k=jnp.repeat(cache.k, group_size, axis=1),
-                    v=jnp.repeat(cache.v, group_size, axis=1),
-                    key_mask=jnp.repeat(cache.key_mask, group_size, axis=0), index=cache.index)
+    # first completion token.
+    cache = cache.repeat_rows(group_size)
     tail = {k: rows[k][:, p:p + c - 1] for k in ("tokens", "positions", "segment_ids")}
     rest, _ = model.apply(
         variables, tail["tokens"], positions=tail["positions"],

@@ -360,7 +360,7 @@ class GRPOTask:
         width = g.max_prompt_length
         # Shared prompt pass: one prefill per prompt, its cache shared by the G rows;
         # on several processes only where the prompts alone split over them.
-        n = g.num_generations if g.share_prompt_pass else 1
+        n = prompt_group_size(g)
         if n > 1 and jax.process_count() > 1:
             spec = sh.batch_sharding(self.mesh, (len(records) * jax.process_count(),)).spec
             if not spec or spec[0] is None:
