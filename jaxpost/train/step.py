@@ -119,12 +119,14 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
     # low precision and flag params that are finite).
     finite_params = _all_finite(trainable)
     finite = finite_inputs & finite_params
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    # A cond, not an elementwise select: XLA then writes the chosen state in place instead
+    # of reading the old and the new state and writing a third (~4% of a tiny-llama SFT
+    # step on CPU).
+    trainable, opt_state = jax.lax.cond(
+        finite, lambda: (trainable, opt_state), lambda: (state.trainable, state.opt_state))
     new_state = state.replace(
-        step=state.step + finite.astype(jnp.int32),
-        trainable=keep(trainable, state.trainable),
-        opt_state=keep(opt_state, state.opt_state),
-        rng=jax.random.key_data(rng))
+        step=state.step + finite.astype(jnp.int32), trainable=trainable,
+        opt_state=opt_state, rng=jax.random.key_data(rng))
     metrics = {"loss": loss, "grad_norm": grad_norm, "count": count,
                "nonfinite": (~finite).astype(jnp.int32),
                "nonfinite_params": (finite_inputs & ~finite_params).astype(jnp.int32)}
