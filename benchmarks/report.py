@@ -9,7 +9,8 @@ from typing import Any
 
 WORKLOADS = ("W-SFT", "W-GEN", "W-GRPO")
 LABELS = {"jaxpost": "jaxpost", "jax": "plain JAX", "tunix": "Tunix", "torch": "torch + HF",
-          "trl": "TRL"}
+          "trl": "TRL", "jaxpost-beta0": "jaxpost, β = 0 (no reference)",
+          "jaxpost-lora": "jaxpost, LoRA r 8 on q/v (reference: the base, adapters off)"}
 SPLIT = ("rollout", "reward", "old_logprobs", "reference", "update")
 REFERENCE_PEER = "jaxpost"
 
@@ -44,8 +45,11 @@ def summarize(jobs: list[dict], peak: dict | None = None) -> dict[str, dict[str,
         if job["status"] != "ok" or job["workload"] == "peak":
             continue
         for rec in job["records"]:
+            # A record's `row` (a variant of the peer's workload, e.g. "jaxpost-beta0") is a
+            # row of its own; by default the row is the peer.
             slot = out.setdefault(rec["workload"], {}).setdefault(
-                job["peer"], {"times": [], "round_medians": [], "records": [], "rss": []})
+                rec.get("row", job["peer"]),
+                {"times": [], "round_medians": [], "records": [], "rss": []})
             slot["times"] += list(rec["all"])
             slot["round_medians"].append(rec["median"])
             slot["records"].append(rec)
@@ -100,6 +104,12 @@ def _label(peer: str, s: dict) -> str:
     return f"{name} ({s['variant']})" if s.get("variant") else name
 
 
+def _row_order(row: str, peers: list[str]) -> tuple[int, str]:
+    """Rows in the run's peer order, a peer's variants ("jaxpost-beta0") right after it."""
+    peer = row.split("-")[0]
+    return (peers.index(peer) if peer in peers else 99, "" if row == peer else row)
+
+
 def render(result: dict) -> str:
     """The markdown table of a run (`benchmarks.run` result dict)."""
     m, summary, peak = result["machine"], result["summary"], result.get("peak")
@@ -132,7 +142,7 @@ def render(result: dict) -> str:
                       "peak RSS MiB | n | round medians |",
                       "|---|---|---|---|---|" + ("---|" if workload == "W-SFT" else "")
                       + "---|---|---|"]
-        for peer in sorted(peers, key=lambda p: order.index(p) if p in order else 99):
+        for peer in sorted(peers, key=lambda p: _row_order(p, order)):
             s = peers[peer]
             row = [_label(peer, s), _f(s["median_s"]), f"{_f(s['min_s'])}–{_f(s['max_s'])}",
                    _f(s.get("tokens_per_s"), ".0f"), _f(s.get("ratio"), ".2f") + "×"

@@ -1,6 +1,6 @@
 """jaxpost side by side with its peers on the standard workloads (../shared/BENCHMARKS.md).
 
-    python -m benchmarks.run [--peers jaxpost,jax,tunix,torch,trl] [--workloads sft,gen,grpo]
+    python -m benchmarks.run [--peers jaxpost,jax,tunix,torch,trl] [--workloads sft,gen,grpo,...]
                              [--rounds 2] [--quick] [--out DIR] [--tunix-python PATH]
                              [--xla-flags "..."]
 
@@ -30,9 +30,12 @@ import time
 from benchmarks import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PEER_WORKLOADS = {"jaxpost": ("sft", "gen", "grpo"), "jax": ("sft", "gen"),
+PEER_WORKLOADS = {"jaxpost": ("sft", "gen", "grpo", "grpo-beta0", "grpo-lora"),
+                  "jax": ("sft", "gen"),
                   "tunix": ("sft", "gen", "grpo"), "torch": ("sft", "gen", "grpo"),
                   "trl": ("sft", "grpo")}
+WORKLOADS = ("sft", "gen", "grpo", "grpo-beta0", "grpo-lora")
+QUICK_WORKLOADS = ("sft", "gen", "grpo")  # the smoke test skips the memory variants
 JAX_PEERS = ("jaxpost", "jax", "tunix", "matmul")  # get --xla-flags
 DEFAULT_TUNIX_PYTHON = os.path.join(ROOT, ".bench", "venv-tunix", "bin", "python")
 
@@ -42,7 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 description=__doc__.splitlines()[0])
     p.add_argument("--peers", default=",".join(PEER_WORKLOADS),
                    help="comma list of peers (default: all): " + ", ".join(PEER_WORKLOADS))
-    p.add_argument("--workloads", default="sft,gen,grpo", help="comma list of sft, gen, grpo")
+    p.add_argument("--workloads", default=None,
+                   help="comma list of " + ", ".join(WORKLOADS) + " (default: all; with "
+                   "--quick: " + ",".join(QUICK_WORKLOADS) + "); grpo-beta0 and grpo-lora "
+                   "are jaxpost's W-GRPO with beta 0 and with LoRA, for their memory")
     p.add_argument("--rounds", type=int, default=None,
                    help="repetitions, peers alternating (default 2; 1 with --quick)")
     p.add_argument("--quick", action="store_true",
@@ -61,9 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-peak", action="store_true", help="skip the matmul peak (no MFU)")
     args = p.parse_args(argv)
     args.peers = [x for x in args.peers.split(",") if x]
+    if args.workloads is None:
+        args.workloads = ",".join(QUICK_WORKLOADS if args.quick else WORKLOADS)
     args.workloads = [x for x in args.workloads.split(",") if x]
     for name, values, known in (("--peers", args.peers, PEER_WORKLOADS),
-                                ("--workloads", args.workloads, ("sft", "gen", "grpo"))):
+                                ("--workloads", args.workloads, WORKLOADS)):
         bad = [v for v in values if v not in known]
         if bad or not values:
             p.error(f"{name}: unknown {bad or 'empty list'}; choose from {', '.join(known)}")

@@ -18,6 +18,7 @@ exactly `new_tokens` tokens per completion).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -151,12 +152,22 @@ class IdTokenizer(Tokenizer):
         return " ".join(str(int(i)) for i in ids)
 
 
-def grpo_config(quick: bool, workdir: str, prompt_file: str, steps: int):
-    """The `GRPOConfig` of W-GRPO: the workload's knobs, prompts from `prompt_file`."""
+#: W-GRPO's memory variants (item 3 of the benchmark issue), each its own table row:
+#: beta 0 keeps no reference; LoRA (rank 8 on q/v, PEFT's default targets) takes the
+#: reference as the base with the adapters off, so no second copy of the params either.
+GRPO_VARIANTS = {"": {}, "beta0": {"beta": 0.0}, "lora": {"lora_rank": 8}}
+
+
+def grpo_config(quick: bool, workdir: str, prompt_file: str, steps: int, variant: str = ""):
+    """The `GRPOConfig` of W-GRPO: the workload's knobs, prompts from `prompt_file`;
+    `variant` one of `GRPO_VARIANTS`."""
+    from jaxpost.peft.lora import LoraConfig
     from jaxpost.train.common import ModelSection
     from jaxpost.train.grpo import GRPOConfig, GRPOSection, PromptSection
-    g = W.grpo(quick)
+    g = {**W.grpo(quick), **GRPO_VARIANTS[variant]}
+    rank = g.get("lora_rank", 0)
     return GRPOConfig(
+        lora=LoraConfig(rank=rank, alpha=2.0 * rank),
         workdir=workdir, seed=0, steps=steps, log_every=1, checkpoint_every=0,
         model=ModelSection(preset="tiny-llama"),
         prompts=PromptSection(source=prompt_file, chat=False),
@@ -177,7 +188,7 @@ def _write_prompts(path: str, n: int, length: int, vocab: int) -> None:
             f.write(json.dumps({"prompt": " ".join(map(str, row))}) + "\n")
 
 
-def w_grpo(quick: bool) -> list[dict]:
+def w_grpo(quick: bool, variant: str = "") -> list[dict]:
     from jaxpost.train.common import model_init, plan_params, reference_params
     from jaxpost.train.grpo import GRPOTask
     g = W.grpo(quick)
@@ -187,7 +198,7 @@ def w_grpo(quick: bool) -> list[dict]:
         prompt_file = os.path.join(tmp, "prompts.jsonl")
         _write_prompts(prompt_file, g["num_prompts"] * (total + 1), g["prompt_len"],
                        model_cfg.vocab_size)
-        cfg = grpo_config(quick, tmp, prompt_file, total)
+        cfg = grpo_config(quick, tmp, prompt_file, total, variant)
         mesh = _mesh()
         tokenizer = IdTokenizer(model_cfg.vocab_size)
         # As jaxpost.train.grpo.train: the params plan, the reference, the task.
@@ -247,8 +258,14 @@ def w_grpo(quick: bool) -> list[dict]:
     return [W.record(PEER, "W-GRPO", steps, tokens_per_iter=g_tokens,
                      extra={**{f"{k}_median": statistics.median(v) for k, v in phases.items()},
                             "first_step_incl_compile_s": first_step_s,
-                            "reward_mean_last": rewards[-1] if rewards else None},
+                            "reward_mean_last": rewards[-1] if rewards else None,
+                            "reference": ("none" if cfg.grpo.beta == 0 else
+                                          "the base, adapters off" if cfg.lora.rank else
+                                          "a copy of the starting params"),
+                            **({"row": f"{PEER}-{variant}"} if variant else {})},
                      versions=VERSIONS)]
 
 
-WORKLOADS = {"sft": w_sft, "gen": w_gen, "grpo": w_grpo}
+WORKLOADS = {"sft": w_sft, "gen": w_gen, "grpo": w_grpo,
+             "grpo-beta0": functools.partial(w_grpo, variant="beta0"),
+             "grpo-lora": functools.partial(w_grpo, variant="lora")}

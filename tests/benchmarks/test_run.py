@@ -97,6 +97,34 @@ def test_table_rows():
     assert "- Tunix sft (round 1): failed: boom" in lines
 
 
+def test_a_variant_record_is_its_own_row_after_its_peer_with_its_memory():
+    jobs = _hand_jobs() + [
+        _job("jaxpost", "grpo-beta0", 1, [_rec("W-GRPO", [4.0], 1024, row="jaxpost-beta0",
+                                               reference="none")], rss=600.0),
+        _job("jaxpost", "grpo-lora", 1, [_rec("W-GRPO", [2.5], 1024, row="jaxpost-lora")],
+             rss=500.0)]
+    s = report.summarize(jobs)
+    g = s["W-GRPO"]
+    assert set(g) == {"jaxpost", "trl", "jaxpost-beta0", "jaxpost-lora"}
+    assert g["jaxpost"]["n"] == 4  # the variants' times stay out of jaxpost's row
+    assert g["jaxpost-beta0"]["ratio"] == 1.25 and g["jaxpost-lora"]["ratio"] == 2.0
+    assert g["jaxpost-beta0"]["peak_rss_mib"] == 600.0
+    lines = [x for x in report.render(_result(jobs)).splitlines() if x.startswith("| jaxpost")
+             or x.startswith("| TRL")]
+    grpo = [x.split(" | ")[0] for x in lines if " | 4.0" in x or " | 5.0" in x
+            or " | 2.5" in x or " | 10.0" in x]
+    assert grpo == ["| jaxpost", "| jaxpost, β = 0 (no reference)",
+                    "| jaxpost, LoRA r 8 on q/v (reference: the base, adapters off)",
+                    "| TRL (GRPOTrainer)"]
+
+
+def test_default_workloads_add_the_grpo_memory_variants_except_in_quick():
+    assert run.parse_args([]).workloads == list(run.WORKLOADS)
+    assert run.parse_args(["--quick"]).workloads == ["sft", "gen", "grpo"]
+    assert run.schedule(["tunix"], run.WORKLOADS, 1, peak=False) == [
+        (1, "tunix", "sft"), (1, "tunix", "gen"), (1, "tunix", "grpo")]
+
+
 def test_schedule_rotates_peers_per_round_and_starts_with_the_peak():
     jobs = run.schedule(["jaxpost", "jax", "trl"], ["sft", "gen"], 2)
     assert jobs == [(1, "matmul", "peak"), (1, "jaxpost", "sft"), (1, "jaxpost", "gen"),
@@ -177,8 +205,9 @@ def test_quick_end_to_end_for_jaxpost(tmp_path):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # as .ci/run: 1 device
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--peers",
-                           "jaxpost", "--out", str(out)], cwd=ROOT, text=True, env=env,
-                          capture_output=True, timeout=600)
+                           "jaxpost", "--workloads", "sft,gen,grpo,grpo-lora", "--out",
+                           str(out)], cwd=ROOT, text=True, env=env, capture_output=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())
     jp = {w: result["summary"][w]["jaxpost"] for w in ("W-SFT", "W-GEN", "W-GRPO")}
@@ -189,6 +218,11 @@ def test_quick_end_to_end_for_jaxpost(tmp_path):
     assert all(math.isfinite(jp["W-GRPO"][f"{k}_s"]) for k in ("rollout", "reference", "update"))
     assert "| jaxpost |" in (out / "table.md").read_text()
     assert os.path.exists(out / "logs")
+    # The LoRA memory variant: its own row, its reference the base with adapters off.
+    lora = result["summary"]["W-GRPO"]["jaxpost-lora"]
+    assert lora["peak_rss_mib"] > 0 and math.isfinite(lora["median_s"])
+    (rec,) = [r for j in result["jobs"] if j["workload"] == "grpo-lora" for r in j["records"]]
+    assert rec["row"] == "jaxpost-lora" and rec["reference"] == "the base, adapters off"
 
 
 def test_a_peer_without_its_interpreter_is_not_installed(tmp_path):
