@@ -41,7 +41,9 @@ def test_logical_to_spec_follows_rules_and_replicates_indivisible_dims():
         sh.logical_to_spec(("nonsense",), (4,), mesh)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+# llama in the fast suite; the other two families (~7 s each) with the slow tests.
+@pytest.mark.parametrize("family", ["llama", pytest.param("qwen2", marks=pytest.mark.slow),
+                                    pytest.param("qwen3", marks=pytest.mark.slow)])
 def test_logits_on_8_devices_equal_1_device(family):
     cfg = tiny(family)
     params = init_params(cfg, jax.random.key(0))

@@ -56,6 +56,7 @@ def _group_rows(p=6, c=5, groups=3, g=4, seed=1):
                       rng.integers(1, c + 1, groups * g), p, 0)
 
 
+@pytest.mark.slow  # ~22 s: two models' forward + backward, shared and per row
 def test_shared_prompt_logits_and_gradients_equal_the_per_row_forward():
     """group_size=G runs each group's prompt once (a KV cache repeated to its rows): the
     logits, the masked log-probs and their parameter gradients equal the plain pass."""

@@ -53,6 +53,7 @@ def test_split_microbatches_is_strided_and_checks_divisibility():
         split_microbatches(x, 3)
 
 
+@pytest.mark.slow  # ~10 s: two compiled steps
 def test_grad_accumulation_8x1_equals_1x8_with_uneven_token_counts():
     opt = make_optimizer(OptimizerConfig(lr=1e-2, warmup_steps=0, schedule="constant"), 10)
     loss_fn = make_sft_loss(CFG)

@@ -53,6 +53,7 @@ def _leaf(tree, *path):
     return np.asarray(tree)
 
 
+@pytest.mark.slow  # ~10 s
 def test_frozen_leaves_and_layer_slices_are_bit_identical_after_adamw_with_decay_and_accum():
     params, mask, state, masks = _setup(freeze=(r"embed_tokens", r"layers\.(1|3)\.mlp\."))
     new, _ = _run(state, masks)
