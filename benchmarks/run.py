@@ -30,12 +30,11 @@ import time
 from benchmarks import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PEER_WORKLOADS = {"jaxpost": ("sft", "gen", "grpo", "grpo-beta0", "grpo-lora"),
-                  "jax": ("sft", "gen"),
+WORKLOADS = ("sft", "gen", "grpo", "grpo-beta0", "grpo-lora")  # jaxpost runs them all
+QUICK_WORKLOADS = ("sft", "gen", "grpo")  # the smoke test skips the memory variants
+PEER_WORKLOADS = {"jaxpost": WORKLOADS, "jax": ("sft", "gen"),
                   "tunix": ("sft", "gen", "grpo"), "torch": ("sft", "gen", "grpo"),
                   "trl": ("sft", "grpo")}
-WORKLOADS = ("sft", "gen", "grpo", "grpo-beta0", "grpo-lora")
-QUICK_WORKLOADS = ("sft", "gen", "grpo")  # the smoke test skips the memory variants
 JAX_PEERS = ("jaxpost", "jax", "tunix", "matmul")  # get --xla-flags
 DEFAULT_TUNIX_PYTHON = os.path.join(ROOT, ".bench", "venv-tunix", "bin", "python")
 
