@@ -1,10 +1,11 @@
 """Grouped-query attention with RoPE, causal/padding/segment masks and a KV cache.
 
 Masks are built from `segment_ids` (0 = padding; equal non-zero ids attend to each other),
-so packed sequences never attend across examples. The KV cache is an explicit pytree that
-goes in and comes out of `Transformer.__call__`, which keeps `apply` pure and lets the
-sampler donate it. It comes in the two layer layouts of `Transformer.layer_params`: one
-stacked buffer for all layers, or one buffer per layer.
+so packed sequences never attend across examples; without a cache the mask is causal and
+the queries run in blocks that skip the keys after their end (`causal_query_blocks`).
+The KV cache is an explicit pytree that goes in and comes out of `Transformer.__call__`,
+which keeps `apply` pure and lets the sampler donate it. It comes in the two layer layouts
+of `Transformer.layer_params`: one stacked buffer for all layers, or one buffer per layer.
 """
 
 from __future__ import annotations
