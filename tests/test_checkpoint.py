@@ -359,6 +359,7 @@ def test_restore_readable_skips_a_truncated_tensor_file_and_a_missing_item(tmp_p
         assert ckpt.all_steps() == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_restore_readable_names_the_directory_and_every_error_when_none_reads(tmp_path):
     from jaxpost.checkpoint import UnreadableCheckpointError
 

@@ -41,10 +41,11 @@ def test_logical_to_spec_follows_rules_and_replicates_indivisible_dims():
         sh.logical_to_spec(("nonsense",), (4,), mesh)
 
 
-# llama in the fast suite; the other two families (~7 s each) with the slow tests. At 128
-# positions the cache-free attention runs in 2 causal query blocks.
+# llama at 12 positions in the fast suite; the rest (~6-7 s each) with the slow tests. At
+# 128 positions the cache-free attention runs in 2 causal query blocks.
 @pytest.mark.parametrize("family,length", [
-    ("llama", 12), ("llama", 128), pytest.param("qwen2", 12, marks=pytest.mark.slow),
+    ("llama", 12), pytest.param("llama", 128, marks=pytest.mark.slow),
+    pytest.param("qwen2", 12, marks=pytest.mark.slow),
     pytest.param("qwen3", 12, marks=pytest.mark.slow)])
 def test_logits_on_8_devices_equal_1_device(family, length):
     cfg = tiny(family)

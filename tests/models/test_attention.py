@@ -76,6 +76,7 @@ class AttendTest(chex.TestCase):
             attend(qg[:, :12], k, v, mask[:, :12], causal_blocks=2)
 
 
+@pytest.mark.slow
 def test_blocked_gradients_equal_the_unblocked():
     qg, k, v, seg = _inputs(24, seed=1)
     mask = make_attention_mask(jnp.asarray(seg))
@@ -90,6 +91,7 @@ def test_blocked_gradients_equal_the_unblocked():
         chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_blocked_forward_equals_the_unblocked_and_the_cache_path(monkeypatch):
     """At 2 x 64 positions the cache-free forward runs in 2 query blocks; the same tokens
     through a KV cache (never blocked) and with blocking switched off give its logits."""

@@ -114,6 +114,7 @@ def test_lora_grpo_step_on_8_devices_equals_1_device():
     chex.assert_trees_all_close(p1, p8, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_untargeted_layers_keep_zero_adapters_under_weight_decay():
     mesh = sh.make_mesh(sh.MeshConfig(), jax.devices()[:1])
     plan = _plan(mesh, targets=(r"model\.layers\.1\.self_attn\.q_proj",))
@@ -134,6 +135,7 @@ def test_grpo_reference_under_lora_is_the_base_without_adapters_and_no_copy():
     assert not L.has_adapters(ref)
 
 
+@pytest.mark.slow
 def test_grpo_reference_with_trained_base_tensors_is_their_start_not_the_current_state():
     mesh = sh.make_mesh(sh.MeshConfig(), jax.devices()[:1])
     recipe = SFTConfig(trainable=("norm",))
@@ -147,6 +149,7 @@ def test_grpo_reference_with_trained_base_tensors_is_their_start_not_the_current
     chex.assert_trees_all_equal(ref, start)
 
 
+@pytest.mark.slow
 def test_lora_dropout_only_in_the_training_forward():
     mesh = sh.make_mesh(sh.MeshConfig(), jax.devices()[:1])
     plan = _plan(mesh, targets=("q_proj", "v_proj"), dropout=0.5)
