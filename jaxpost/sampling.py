@@ -250,21 +250,29 @@ def _layout(unstack: bool) -> str:
     return "per_layer" if unstack else "stacked"
 
 
-def _cache_axes(cfg: ModelConfig, unstack: bool) -> KVCache:
-    return KVCache.logical_axes(_layout(unstack), cfg.num_layers)
+def _cache_axes(cfg: ModelConfig, unstack: bool, shared_prefix: bool = False) -> KVCache:
+    return KVCache.logical_axes(_layout(unstack), cfg.num_layers, shared_prefix=shared_prefix)
 
 
 def _is_names(x) -> bool:
     return isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x)
 
 
-def _constrain_cache(cache: KVCache, axes: KVCache) -> KVCache:
+def _constrain_cache(cache: KVCache, cfg: ModelConfig, unstack: bool) -> KVCache:
+    axes = _cache_axes(cfg, unstack, shared_prefix=cache.prefix_k is not None)
     return jax.tree.map(lambda names, x: constrain(x, names) if names else x,
                         axes, cache, is_leaf=_is_names)
 
 
-def _init_cache(cfg: ModelConfig, batch: int, max_len: int, unstack: bool) -> KVCache:
-    return KVCache.init(cfg, batch, max_len, layer_params=_layout(unstack))
+def _init_cache(cfg: ModelConfig, batch: int, max_len: int, unstack: bool,
+                prefix: tuple[int, int] | None = None) -> KVCache:
+    """An empty cache; `prefix` = (n, P): the cache `_prefill` makes for n samples per
+    prompt, [batch / n] prompts' P slots shared by their n rows, each with its own rest."""
+    if prefix is None:
+        return KVCache.init(cfg, batch, max_len, layer_params=_layout(unstack))
+    n, p = prefix
+    return KVCache.init(cfg, batch // n, p, layer_params=_layout(unstack)).share_rows(
+        n, max_len - p)
 
 
 class _Runner:
@@ -282,10 +290,12 @@ class _Runner:
         self.cfg, self.unstack = cfg, unstack
         self.model = Transformer(cfg, layer_params=_layout(unstack))
         self.params = unstack_layer_params(params, cfg.dtype) if unstack else params
-        self.axes = _cache_axes(cfg, unstack)
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
-        return _constrain_cache(_init_cache(self.cfg, batch, max_len, self.unstack), self.axes)
+        return self.constrain(_init_cache(self.cfg, batch, max_len, self.unstack))
+
+    def constrain(self, cache: KVCache) -> KVCache:
+        return _constrain_cache(cache, self.cfg, self.unstack)
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array, cache: KVCache,
                  last_only: bool = False) -> tuple[jax.Array, KVCache]:
@@ -293,20 +303,23 @@ class _Runner:
         logits, cache = self.model.apply({"params": self.params}, tokens,
                                          segment_ids=segment_ids, cache=cache,
                                          last_only=last_only)
-        return logits, _constrain_cache(cache, self.axes)
+        return logits, self.constrain(cache)
 
 
 def _prefill(runner: _Runner, prompts: jax.Array, prompt_lengths: jax.Array,
              max_len: int, num_samples: int = 1) -> tuple[jax.Array, KVCache]:
     """Prompts (right-padded) -> logits [B * n, V] of the token after each prompt, and the
     cache (index P), each prompt's row repeated `num_samples` (n) times after its one
-    prefill. Left padding puts every row's last prompt token at P - 1."""
+    prefill: the n rows share the prompt's P slots (`KVCache.share_rows`), so the decode
+    steps read each prompt's keys once, not n times. Left padding puts every row's last
+    prompt token at P - 1."""
     tokens, segment_ids = left_pad(prompts, prompt_lengths)
-    cache = runner.init_cache(prompts.shape[0], max_len)
+    p = prompts.shape[1]
+    cache = runner.init_cache(prompts.shape[0], p if num_samples > 1 else max_len)
     logits, cache = runner(tokens, segment_ids, cache, last_only=True)
     if num_samples > 1:
         logits = jnp.repeat(logits, num_samples, axis=0)
-        cache = _constrain_cache(cache.repeat_rows(num_samples), runner.axes)
+        cache = runner.constrain(cache.share_rows(num_samples, max_len - p))
     return logits, cache
 
 
@@ -407,6 +420,11 @@ def _static_args(model_cfg: ModelConfig, cfg: SamplingConfig) -> dict[str, Any]:
 def _default_unstack(mesh: Mesh | None) -> bool:
     platform = (jax.devices()[0] if mesh is None else mesh.devices.flat[0]).platform
     return platform == "cpu"
+
+
+def _prefix(num_samples: int, prompt_len: int) -> tuple[int, int] | None:
+    """The shared prefix of `_prefill`'s cache: (n, P) for n > 1 samples per prompt."""
+    return (num_samples, prompt_len) if num_samples > 1 else None
 
 
 def _rules(mesh: Mesh | None, rules):
@@ -513,10 +531,11 @@ class Sampler:
     def _named(self, names, shape) -> NamedSharding:
         return NamedSharding(self.mesh, shd.logical_to_spec(names, shape, self.mesh, self.rules))
 
-    def _cache_shardings(self, batch: int, max_len: int):
+    def _cache_shardings(self, batch: int, max_len: int, prefix: tuple[int, int] | None):
         shapes = jax.eval_shape(
-            lambda: _init_cache(self.model_cfg, batch, max_len, self.unstack_layers))
-        return shd.logical_to_shardings(_cache_axes(self.model_cfg, self.unstack_layers),
+            lambda: _init_cache(self.model_cfg, batch, max_len, self.unstack_layers, prefix))
+        return shd.logical_to_shardings(_cache_axes(self.model_cfg, self.unstack_layers,
+                                                    shared_prefix=prefix is not None),
                                         shapes, self.mesh, self.rules)
 
     def _prefill_fn(self, batch: int, prompt_len: int, max_len: int,
@@ -540,16 +559,17 @@ class Sampler:
                     in_shardings=(param_shardings,
                                   self._named(("batch", None), (batch, prompt_len)), rows),
                     out_shardings=(self._logits_sharding(batch * num_samples),
-                                   self._cache_shardings(batch * num_samples, max_len)))
+                                   self._cache_shardings(batch * num_samples, max_len,
+                                                         _prefix(num_samples, prompt_len))))
         return self._compiled[key]
 
     def _logits_sharding(self, batch: int) -> NamedSharding:
         return self._named(("batch", "activation_vocab"), (batch, self.model_cfg.vocab_size))
 
     def _decode_fn(self, batch: int, max_len: int, static: dict[str, Any],
-                   param_shardings=None) -> Callable:
+                   param_shardings=None, prefix: tuple[int, int] | None = None) -> Callable:
         key = ("decode", batch, max_len, tuple(sorted(static.items())),
-               jax.tree.structure(param_shardings))
+               jax.tree.structure(param_shardings), prefix)
         if key not in self._compiled:
             cfg, mesh, rules, unstack = self.model_cfg, self.mesh, self.rules, self.unstack_layers
 
@@ -561,7 +581,7 @@ class Sampler:
             if mesh is None:
                 self._compiled[key] = jax.jit(decode_fn, donate_argnums=2)
             else:
-                cache_sh = self._cache_shardings(batch, max_len)
+                cache_sh = self._cache_shardings(batch, max_len, prefix)
                 rows = self._named(("batch",), (batch,))
                 out_rows = self._named(("batch", None), (batch, static["max_new_tokens"]))
                 rep = NamedSharding(mesh, P())
@@ -603,7 +623,8 @@ class Sampler:
         param_shardings = None if self.mesh is None else self._shardings_of(params)
         n = int(cfg.num_samples)
         prefill_fn = self._prefill_fn(batch, prompt_len, max_len, param_shardings, n)
-        decode_fn = self._decode_fn(batch * n, max_len, static, param_shardings)
+        decode_fn = self._decode_fn(batch * n, max_len, static, param_shardings,
+                                    _prefix(n, prompt_len))
         if self.mesh is not None:
             params = jax.device_put(params, param_shardings)
             prompts = jax.device_put(prompts, self._named(("batch", None), prompts.shape))

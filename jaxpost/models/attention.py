@@ -47,14 +47,24 @@ class KVCache:
     buffer per layer, so that each layer reads and writes its own buffer in place. Heads
     come before slots so that attention reads a cached head's keys contiguously: with
     slots first, XLA:CPU transposes every layer's whole cache at every decode step.
+
+    A cache with a shared prefix (`share_rows`: one prompt's cache continued by n rows,
+    GRPO's groups and the sampler's `num_samples`) keeps the prompt's keys and values once
+    per group in `prefix_k` / `prefix_v` ([..., batch / n, kv_heads, prefix_len, head_dim],
+    the layout of `k`), and only the rows' own slots in `k` / `v` ([..., batch, kv_heads,
+    max_len - prefix_len, head_dim]); slot numbers (`index`, `key_mask`) count the
+    prefix slots first. Attention reads each group's prefix once instead of n copies.
     """
 
-    # stacked: [layers, batch, kv_heads, max_len, head_dim]; per_layer: a tuple of
-    # [batch, kv_heads, max_len, head_dim], one per layer.
+    # stacked: [layers, batch, kv_heads, slots, head_dim]; per_layer: a tuple of
+    # [batch, kv_heads, slots, head_dim], one per layer (slots: the rows' own slots).
     k: jax.Array | tuple[jax.Array, ...]
     v: jax.Array | tuple[jax.Array, ...]  # same layout as k
     key_mask: jax.Array  # [batch, max_len] bool: slot holds a real (non-padding) token
     index: jax.Array  # int32 scalar: the next slot to write
+    # The shared prefix (see the class docstring), None without one.
+    prefix_k: jax.Array | tuple[jax.Array, ...] | None = None
+    prefix_v: jax.Array | tuple[jax.Array, ...] | None = None
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None, *,
@@ -84,21 +94,40 @@ class KVCache:
     def max_len(self) -> int:
         return self.key_mask.shape[1]
 
-    def repeat_rows(self, n: int) -> "KVCache":
-        """Every row repeated n times (row i -> rows i*n .. i*n+n-1), in either layout:
-        one prompt's cache shared by its n completions."""
+    @property
+    def prefix_len(self) -> int:
+        """Slots of the shared prefix (0 without one)."""
+        if self.prefix_k is None:
+            return 0
+        first = self.prefix_k[0] if isinstance(self.prefix_k, (tuple, list)) else self.prefix_k
+        return first.shape[-2]
+
+    def share_rows(self, n: int, new_slots: int) -> "KVCache":
+        """This cache, filled up to its last slot, as the shared prefix of n rows per row
+        (row i -> rows i*n .. i*n+n-1), each with `new_slots` empty slots of its own: one
+        prompt's cache continued by its n completions, without n copies of the prompt."""
+        if self.prefix_k is not None:
+            raise ValueError("KVCache.share_rows: this cache already has a shared prefix")
         stacked = self.layer_params == "stacked"
-        rep = lambda x: jnp.repeat(x, n, axis=1 if stacked else 0)  # noqa: E731
-        k = rep(self.k) if stacked else tuple(rep(x) for x in self.k)
-        v = rep(self.v) if stacked else tuple(rep(x) for x in self.v)
-        return KVCache(k=k, v=v, key_mask=jnp.repeat(self.key_mask, n, axis=0),
-                       index=self.index)
+        batch = self.key_mask.shape[0] * n
+
+        def own(x):
+            shape = x.shape[:-4] + (batch, x.shape[-3], new_slots, x.shape[-1])
+            return jnp.zeros(shape, x.dtype)
+        k = own(self.k) if stacked else tuple(own(x) for x in self.k)
+        v = own(self.v) if stacked else tuple(own(x) for x in self.v)
+        key_mask = jnp.concatenate([jnp.repeat(self.key_mask, n, axis=0),
+                                    jnp.zeros((batch, new_slots), bool)], axis=1)
+        return KVCache(k=k, v=v, key_mask=key_mask, index=self.index, prefix_k=self.k,
+                       prefix_v=self.v)
 
     @staticmethod
-    def logical_axes(layer_params: str = "stacked", num_layers: int | None = None) -> "KVCache":
+    def logical_axes(layer_params: str = "stacked", num_layers: int | None = None, *,
+                     shared_prefix: bool = False) -> "KVCache":
         """Logical axis names of each field, for `jaxpost.sharding`.
 
-        The "per_layer" layout needs `num_layers` (one entry per buffer).
+        The "per_layer" layout needs `num_layers` (one entry per buffer);
+        `shared_prefix`: the axes of a cache made by `share_rows`.
         """
         check_layer_layout(layer_params, "KVCache.logical_axes")
         kv = ("cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim")
@@ -108,7 +137,9 @@ class KVCache:
             raise ValueError("KVCache.logical_axes(layer_params='per_layer') needs num_layers")
         else:
             k = v = (kv,) * num_layers
-        return KVCache(k=k, v=v, key_mask=("cache_batch", "cache_length"), index=())
+        prefix = k if shared_prefix else None
+        return KVCache(k=k, v=v, key_mask=("cache_batch", "cache_length"), index=(),
+                       prefix_k=prefix, prefix_v=prefix)
 
 
 def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -168,14 +199,20 @@ def causal_query_blocks(length: int) -> int:
 
 
 def attend(qg: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
-           causal_blocks: int = 1) -> jax.Array:
+           causal_blocks: int = 1, prefix: tuple[jax.Array, jax.Array] | None = None
+           ) -> jax.Array:
     """Softmax attention of grouped queries qg [B, T, KV, G, hd] over head-major keys and
     values [B, KV, S, hd] under mask [B, T, S] (True: visible); returns [B, T, KV, G, hd].
 
     Scores are float32 whatever the inputs' dtype; the output has qg's dtype. With
     `causal_blocks` = n > 1 (T = S, a causal `mask`, n dividing T) the queries run in n
     blocks, block i over the keys before its end only (see `causal_query_blocks`).
+    `prefix` = (keys, values) [B / n, KV, P, hd]: n rows per group also attend to their
+    group's shared prefix, which comes before `k` (`KVCache.share_rows`); `mask` is then
+    [B, T, P + S], the prefix slots first.
     """
+    if prefix is not None:
+        return _attend_prefixed(qg, prefix[0], prefix[1], k, v, mask)
     if causal_blocks == 1:
         return _attend(qg, k, v, mask)
     t = qg.shape[1]
@@ -202,15 +239,39 @@ def _attend(qg, k, v, mask):
     return jnp.transpose(out, (0, 3, 1, 2, 4))
 
 
+def _attend_prefixed(qg, pk, pv, k, v, mask):
+    """`_attend` over a group-shared prefix (pk, pv) [R, KV, P, hd] and the rows' own keys
+    (k, v) [B, KV, S, hd], B = R * n: one softmax over the P + S scores of each query.
+    A group's n rows and G query heads meet its prefix in one matmul per (group, kv head)."""
+    b, t, kvh, gh, d = qg.shape
+    r, p = pk.shape[0], pk.shape[2]
+    if b % r:
+        raise ValueError(f"attend: {b} query rows are not whole groups of the prefix's {r}")
+    n = b // r
+    qp = qg.reshape(r, n, t, kvh, gh, d)
+    s_pre = jnp.einsum("rntkgd,rksd->rkgnts", qp, pk, preferred_element_type=jnp.float32)
+    s_pre = jnp.transpose(s_pre, (0, 3, 1, 2, 4, 5)).reshape(b, kvh, gh, t, p)
+    s_own = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = jnp.concatenate([s_pre, s_own], axis=-1) * (d ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(qg.dtype)
+    p_pre = jnp.transpose(probs[..., :p].reshape(r, n, kvh, gh, t, p), (0, 2, 3, 1, 4, 5))
+    o_pre = jnp.einsum("rkgnts,rksd->rkgntd", p_pre, pv)
+    o_pre = jnp.transpose(o_pre, (0, 3, 4, 1, 2, 5)).reshape(b, t, kvh, gh, d)
+    o_own = jnp.einsum("bkgts,bksd->bkgtd", probs[..., p:], v)
+    return o_pre + jnp.transpose(o_own, (0, 3, 1, 2, 4))
+
+
 class Attention(nn.Module):
     """GQA self-attention; with `layer_cache`, attends over the cache after writing to it.
 
-    `layer_cache` is `(k, v, layer)`, in one of two forms:
+    `layer_cache` is `(k, v, layer, prefix_k, prefix_v)`, in one of two forms:
       - stacked: the caches of ALL layers [L, B, KV, S, hd] and this layer's int32 index,
         so the layer scan carries them and every write is in place (a per-layer slice as a
         scan input/output would copy the whole cache at every decode step);
       - per layer: this layer's own buffers [B, KV, S, hd] and `layer=None`.
-    The returned cache has the same form (the layer index advanced by one).
+    `prefix_k` / `prefix_v`: a shared prefix in the same form (`KVCache.share_rows`), or
+    None. The returned cache has the same form (the layer index advanced by one).
     """
 
     cfg: ModelConfig
@@ -241,29 +302,37 @@ class Attention(nn.Module):
         # attention products are plain batched matmuls over (batch, kv head).
         k = jnp.swapaxes(k, 1, 2)
         v = jnp.swapaxes(v, 1, 2)
-        new_cache = None
+        new_cache, prefix = None, None
         if layer_cache is not None:
-            ck, cv, layer = layer_cache
+            ck, cv, layer, pk, pv = layer_cache
+            # Slots count the shared prefix first; the rows' own buffers start after it.
+            own = index if pk is None else index - (pk.shape[-2])
             if layer is None:
                 # This layer's own buffers [B, KV, S, hd]: write in place, read them whole.
-                start = (0, 0, index, 0)
+                start = (0, 0, own, 0)
                 ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
                 cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
-                new_cache = (ck, cv, None)
+                new_cache = (ck, cv, None, pk, pv)
                 k, v = ck, cv
+                if pk is not None:
+                    prefix = (pk.astype(dtype), pv.astype(dtype))
             else:
                 # The stacked caches of all layers [L, B, KV, S, hd] and this layer's index:
                 # write the new keys/values in place, then read this layer's slots.
-                start = (layer, 0, 0, index, 0)
+                start = (layer, 0, 0, own, 0)
                 ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), start)
                 cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), start)
-                new_cache = (ck, cv, layer + 1)
+                new_cache = (ck, cv, layer + 1, pk, pv)
                 k = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
                 v = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
+                if pk is not None:
+                    prefix = tuple(jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False)
+                                   .astype(dtype) for x in (pk, pv))
         # Without a cache the mask is causal (`make_attention_mask`), so the queries can
         # be split into blocks that skip the keys after their end.
         blocks = 1 if layer_cache is not None else causal_query_blocks(t)
-        out = attend(qg, k.astype(dtype), v.astype(dtype), mask, causal_blocks=blocks)
+        out = attend(qg, k.astype(dtype), v.astype(dtype), mask, causal_blocks=blocks,
+                     prefix=prefix)
         out = out.reshape(b, t, h * hd)
         out = Linear(cfg.hidden_size, ("heads", "embed"), cfg, name="o_proj")(out)
         return out, new_cache

@@ -46,7 +46,8 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, carry, cos, sin, mask, index):
-        # carry: (x, cache) with cache None or (k, v, layer) (see Attention).
+        # carry: (x, cache) with cache None or (k, v, layer, prefix_k, prefix_v) (see
+        # Attention).
         x, cache = carry
         cfg = self.cfg
         h = RMSNorm(cfg.rms_norm_eps, cfg, name="input_layernorm")(x)
@@ -183,7 +184,10 @@ class Transformer(nn.Module):
         if per_layer:
             new_k, new_v = [], []
             for i in range(cfg.num_layers):
-                layer_cache = None if cache is None else (cache.k[i], cache.v[i], None)
+                layer_cache = None if cache is None else (
+                    cache.k[i], cache.v[i], None,
+                    *((None, None) if cache.prefix_k is None else
+                      (cache.prefix_k[i], cache.prefix_v[i])))
                 (x, layer_cache), _ = layer_cls(cfg, name=layer_name(i))(
                     (x, layer_cache), cos, sin, mask, index)
                 if cache is not None:
@@ -201,10 +205,11 @@ class Transformer(nn.Module):
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, name="layers")
             # The KV cache rides in the scan carry, so decode steps update it in place.
-            layer_caches = None if cache is None else (cache.k, cache.v, jnp.zeros((), jnp.int32))
+            layer_caches = None if cache is None else (
+                cache.k, cache.v, jnp.zeros((), jnp.int32), cache.prefix_k, cache.prefix_v)
             (x, layer_caches), _ = layers((x, layer_caches), cos, sin, mask, index)
             if cache is not None:
-                new_k, new_v, _ = layer_caches
+                new_k, new_v = layer_caches[:2]
 
         if last_only and output_slice is not None:
             raise ValueError("Transformer: pass last_only or output_slice, not both")
@@ -220,19 +225,47 @@ class Transformer(nn.Module):
         if return_hidden:
             out = x
         else:
-            if cfg.tie_embeddings:
-                out = embed.attend(x).astype(jnp.float32)
-            else:
-                out = Linear(cfg.vocab_size, ("embed", "vocab"), cfg, name="lm_head")(x)
-                out = out.astype(jnp.float32)
-            out = constrain(out, ("activation_batch",) + (() if last_only else (
-                "activation_length",)) + ("activation_vocab",))
+            out = _output_head(cfg, embed, x)
             if with_hidden:
                 out = (out, x)
         if cache is None:
             return out
-        new_cache = KVCache(k=new_k, v=new_v, key_mask=key_mask, index=index + t)
+        new_cache = KVCache(k=new_k, v=new_v, key_mask=key_mask, index=index + t,
+                            prefix_k=cache.prefix_k, prefix_v=cache.prefix_v)
         return out, new_cache
+
+
+def _output_head(cfg: ModelConfig, embed: nn.Embed, x: jax.Array) -> jax.Array:
+    """float32 logits [..., vocab] of final hidden states x [..., hidden]: `lm_head`, or
+    the token embedding's transpose when tied. Called inside a module's compact method
+    (`Transformer`, `OutputHead`), which then owns the `lm_head` params."""
+    if cfg.tie_embeddings:
+        out = embed.attend(x).astype(jnp.float32)
+    else:
+        out = Linear(cfg.vocab_size, ("embed", "vocab"), cfg, name="lm_head")(x)
+        out = out.astype(jnp.float32)
+    axes = ("activation_batch", "activation_length")[:x.ndim - 1] + ("activation_vocab",)
+    return constrain(out, axes)
+
+
+class OutputHead(nn.Module):
+    """`Transformer`'s output head alone, on its own params (`lm_head`, or `embed_tokens`
+    when tied): the logits of hidden states that `Transformer(..., return_hidden=True)`
+    passes gave, e.g. several passes' states joined into one head matmul."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        embed = token_embedding(self.cfg, name="embed_tokens") if self.cfg.tie_embeddings else None
+        return _output_head(self.cfg, embed, hidden)
+
+
+def head_logits(cfg: ModelConfig, params, hidden: jax.Array, rngs=None) -> jax.Array:
+    """float32 logits [..., vocab] of final (normed) hidden states [..., hidden] under the
+    model's params: exactly the logits `Transformer` computes from the same states."""
+    name = "embed_tokens" if cfg.tie_embeddings else "lm_head"
+    return OutputHead(cfg).apply({"params": {name: params[name]}}, hidden, rngs=rngs)
 
 
 def unstack_layer_params(params, dtype: str | jnp.dtype | None = None):

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpost.models import KVCache, ModelConfig, Transformer, token_logprobs
+from jaxpost.models import KVCache, ModelConfig, Transformer, head_logits, token_logprobs
 from jaxpost.models.layers import dropout_rngs
 
 
@@ -79,30 +79,33 @@ def completion_logits(model_cfg: ModelConfig, params, rows, prompt_len: int,
 def _shared_prompt_logits(model_cfg: ModelConfig, params, rows, p: int, c: int,
                           rng: jax.Array | None, group_size: int) -> jax.Array:
     """`completion_logits` (before the temperature) with one prompt pass per group: the
-    group's first row's prompt fills a KV cache, which is repeated to the group's rows;
-    the completions (but their last token, which predicts nothing) then attend to it."""
+    group's first row's prompt fills a KV cache, which the group's rows share as its
+    prefix (`KVCache.share_rows`); the completions (but their last token, which predicts
+    nothing) then attend to it. Both passes stop at the final hidden states, joined into
+    one head matmul over the C completion positions."""
     n = rows["tokens"].shape[0]
     if n % group_size:
         raise ValueError(f"{n} rollout rows are not whole groups of group_size={group_size}")
     model = Transformer(model_cfg)
     variables = {"params": params}
-    rng_prompt, rng_completion = (None, None) if rng is None else jax.random.split(rng)
+    rng_prompt, rng_completion, rng_head = (
+        (None, None, None) if rng is None else jax.random.split(rng, 3))
     head = {k: rows[k][::group_size, :p] for k in ("tokens", "positions", "segment_ids")}
-    cache = KVCache.init(model_cfg, n // group_size, p + c)
+    cache = KVCache.init(model_cfg, n // group_size, p)
     last, cache = model.apply(
         variables, head["tokens"], positions=head["positions"],
-        segment_ids=head["segment_ids"], cache=cache, last_only=True,
+        segment_ids=head["segment_ids"], cache=cache, last_only=True, return_hidden=True,
         rngs=dropout_rngs(model_cfg, rng_prompt))
     # Left padding puts every prompt's last token at column p - 1: `last` predicts the
     # first completion token.
-    cache = cache.repeat_rows(group_size)
+    cache = cache.share_rows(group_size, c)
     tail = {k: rows[k][:, p:p + c - 1] for k in ("tokens", "positions", "segment_ids")}
     rest, _ = model.apply(
         variables, tail["tokens"], positions=tail["positions"],
-        segment_ids=tail["segment_ids"], cache=cache,
+        segment_ids=tail["segment_ids"], cache=cache, return_hidden=True,
         rngs=dropout_rngs(model_cfg, rng_completion))
-    first = jnp.repeat(last, group_size, axis=0)[:, None]
-    return jnp.concatenate([first, rest], axis=1).astype(jnp.float32)
+    hidden = jnp.concatenate([jnp.repeat(last, group_size, axis=0)[:, None], rest], axis=1)
+    return head_logits(model_cfg, params, hidden, rngs=dropout_rngs(model_cfg, rng_head))
 
 
 def completion_logprobs(model_cfg: ModelConfig, params, rows, prompt_len: int,

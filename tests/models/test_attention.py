@@ -1,5 +1,6 @@
-"""The attention core against a NumPy reference, and the causal query blocks of the
-cache-free path against the unblocked and the KV-cache paths."""
+"""The attention core against a NumPy reference, the causal query blocks of the
+cache-free path against the unblocked and the KV-cache paths, and the group-shared
+prefix of a KV cache (`KVCache.share_rows`) against per-row copies of it."""
 
 import chex
 import jax
@@ -74,6 +75,103 @@ class AttendTest(chex.TestCase):
             attend(qg, k, v, mask, causal_blocks=5)
         with pytest.raises(ValueError, match="as many keys as queries"):
             attend(qg[:, :12], k, v, mask[:, :12], causal_blocks=2)
+
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(1, 5)
+    def test_shared_prefix_matches_numpy_over_the_joined_keys(self, t):
+        """3 groups of 2 rows: each row attends to its group's prefix (padded on the left
+        in group 1) and then to its own keys, as one softmax over both."""
+        r = np.random.default_rng(1)
+        groups, n, kv, g, hd, p, s = 3, 2, 2, 2, 8, 6, 7
+        b = groups * n
+        qg = r.standard_normal((b, t, kv, g, hd)).astype(np.float32)
+        pk, pv = (r.standard_normal((groups, kv, p, hd)).astype(np.float32) for _ in "kv")
+        k, v = (r.standard_normal((b, kv, s, hd)).astype(np.float32) for _ in "kv")
+        key_mask = np.ones((b, p + s), bool)
+        key_mask[n:2 * n, :2] = False  # group 1's prompt is two slots shorter
+        key_mask[:, p + t + 1:] = False  # own slots not yet written
+        mask = np.broadcast_to(key_mask[:, None], (b, t, p + s)).copy()
+        mask[:, :, p:p + t] &= np.tril(np.ones((t, t), bool))  # causal among the own keys
+        out = self.variant(lambda *a: attend(*a[:4], prefix=a[4:]))(qg, k, v, mask, pk, pv)
+        chex.assert_shape(out, qg.shape)
+        full_k = np.concatenate([np.repeat(pk, n, 0), k], axis=2)
+        full_v = np.concatenate([np.repeat(pv, n, 0), v], axis=2)
+        chex.assert_trees_all_close(np.asarray(out), _numpy_attention(qg, full_k, full_v, mask),
+                                    atol=2e-5, rtol=2e-5)
+
+    def test_shared_prefix_rows_must_be_whole_groups(self):
+        qg = np.zeros((5, 1, 2, 2, 8), np.float32)
+        k = np.zeros((5, 2, 3, 8), np.float32)
+        pk = np.zeros((2, 2, 4, 8), np.float32)
+        with pytest.raises(ValueError, match="5 query rows are not whole groups of the "
+                                             "prefix's 2"):
+            attend(qg, k, k, np.ones((5, 1, 7), bool), prefix=(pk, pk))
+
+
+@pytest.mark.parametrize("layout", ["stacked", "per_layer"])
+def test_share_rows_keeps_the_prefix_once_and_gives_each_row_its_own_slots(layout):
+    cfg = tiny("llama", num_layers=2)
+    cache = KVCache.init(cfg, 2, 5, layer_params=layout)
+    cache = cache.replace(key_mask=cache.key_mask.at[1, :2].set(False).at[0].set(True)
+                          .at[1, 2:].set(True), index=jnp.int32(5))
+    shared = cache.share_rows(3, 4)
+    own = (2 * 3, cfg.num_kv_heads, 4, cfg.head_dim)
+    pre = (2, cfg.num_kv_heads, 5, cfg.head_dim)
+    lead = (cfg.num_layers,) if layout == "stacked" else ()
+    for leaf in jax.tree.leaves(shared.k):
+        chex.assert_shape(leaf, lead + own)
+    for leaf in jax.tree.leaves(shared.prefix_k):
+        chex.assert_shape(leaf, lead + pre)
+    assert shared.prefix_len == 5 and shared.max_len == 9 and int(shared.index) == 5
+    want = np.zeros((6, 9), bool)
+    want[:3, :5] = True
+    want[3:, 2:5] = True
+    np.testing.assert_array_equal(shared.key_mask, want)
+    axes = KVCache.logical_axes(layout, cfg.num_layers, shared_prefix=True)
+    is_names = lambda x: isinstance(x, tuple) and all(isinstance(n, str) for n in x)  # noqa: E731
+    assert (jax.tree.structure(axes, is_leaf=is_names).num_leaves
+            == jax.tree.structure(shared).num_leaves)
+    with pytest.raises(ValueError, match="already has a shared prefix"):
+        shared.share_rows(2, 1)
+
+
+@pytest.mark.slow  # ~9 s; the fast set checks the sampler's num_samples in both layouts
+@pytest.mark.parametrize("layout", ["stacked", "per_layer"])
+def test_decoding_over_a_shared_prefix_equals_per_row_copies(layout):
+    """A prompt pass, then three steps of 2 rows per prompt: the logits through
+    `share_rows` equal those through a cache holding each row's own copy of its prompt."""
+    from jaxpost.models import unstack_layer_params
+    cfg = tiny("llama", num_layers=2, vocab_size=64)
+    params = init_params(cfg, jax.random.key(0))
+    if layout == "per_layer":
+        params = unstack_layer_params(params)
+    model = Transformer(cfg, layer_params=layout)
+    r = np.random.default_rng(2)
+    prompts = jnp.asarray(r.integers(1, 64, (2, 6)), jnp.int32)
+    seg = jnp.asarray([[1] * 6, [0, 0, 1, 1, 1, 1]], jnp.int32)  # row 1 left-padded
+    steps = jnp.asarray(r.integers(1, 64, (4, 3)), jnp.int32)
+    apply = jax.jit(lambda tok, sg, cache: model.apply({"params": params}, tok,
+                                                       segment_ids=sg, cache=cache))
+
+    def run(cache, share):
+        _, cache = apply(prompts, seg, cache)
+        if share:
+            cache = cache.share_rows(2, 3)
+        else:
+            cache = jax.tree.map(lambda x: x, cache)
+            rep = lambda x: jnp.repeat(x, 2, axis=1 if layout == "stacked" else 0)  # noqa: E731
+            cache = cache.replace(k=jax.tree.map(rep, cache.k), v=jax.tree.map(rep, cache.v),
+                                  key_mask=jnp.repeat(cache.key_mask, 2, axis=0))
+        outs = []
+        for i in range(3):
+            logits, cache = apply(steps[:, i:i + 1], jnp.ones((4, 1), jnp.int32), cache)
+            outs.append(logits[:, 0])
+        return jnp.stack(outs, 1)
+    shared = run(KVCache.init(cfg, 2, 6, layer_params=layout), True)
+    copies = run(KVCache.init(cfg, 2, 9, layer_params=layout), False)
+    chex.assert_tree_all_finite(shared)
+    chex.assert_trees_all_close(shared, copies, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.slow

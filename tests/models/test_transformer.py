@@ -345,3 +345,28 @@ def test_with_hidden_returns_the_logits_and_hidden_states_of_the_separate_calls(
     chex.assert_trees_all_close(hidden, want_hidden, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="not both"):
         model.apply({"params": params}, tokens, with_hidden=True, return_hidden=True)
+
+
+@pytest.mark.parametrize("case", ["tied", "lora_head"])
+def test_head_logits_of_the_hidden_states_are_the_models_logits(case):
+    """`head_logits` on `return_hidden` states is the model's own head: the tied
+    embedding's transpose when tied, and a LoRA pair on `lm_head` applies too."""
+    from jaxpost.models import head_logits
+    cfg = tiny("llama", tie_embeddings=case == "tied")
+    params = init_params(cfg, jax.random.key(0))
+    if case == "lora_head":
+        cfg = cfg.replace(lora_scale=0.5)
+        r = np.random.default_rng(4)
+        params["lm_head"] = dict(
+            params["lm_head"],
+            lora_a=jnp.asarray(r.standard_normal((cfg.hidden_size, 2)), jnp.float32),
+            lora_b=jnp.asarray(r.standard_normal((2, cfg.vocab_size)), jnp.float32))
+    tokens = _tokens(2, 6)
+    hidden = _apply(cfg)(params, tokens, return_hidden=True)
+    logits = jax.jit(functools.partial(head_logits, cfg))(params, hidden)
+    chex.assert_shape(logits, (2, 6, cfg.vocab_size))
+    assert logits.dtype == jnp.float32
+    chex.assert_trees_all_close(logits, _apply(cfg)(params, tokens), atol=1e-5, rtol=1e-5)
+    if case == "lora_head":  # the adapter moved the logits
+        base = dict(params, lm_head={"kernel": params["lm_head"]["kernel"]})
+        assert float(jnp.max(jnp.abs(head_logits(cfg, base, hidden) - logits))) > 1e-2
