@@ -74,7 +74,8 @@ class SamplingConfig:
     stop_ids: tuple[int, ...] = ()  # extra tokens that end a sequence (and are kept)
     pad_id: int = 0  # written to `tokens` after a sequence has ended
     # Completions per prompt (vLLM's `n`): output rows i*n .. i*n+n-1 continue prompt i,
-    # whose prefill runs once and whose KV cache the n rows share (GRPO's groups).
+    # whose prefill runs once and whose cached keys and values the n rows share, held
+    # once per prompt (`KVCache.share_rows`; GRPO's groups).
     num_samples: int = 1
 
     def __post_init__(self):
