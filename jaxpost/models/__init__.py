@@ -12,7 +12,7 @@ from jaxpost.models.transformer import (
 
 __all__ = [
     "KVCache", "ModelConfig", "PRESETS", "RopeScaling", "SUPPORTED_ARCHITECTURES", "Transformer",
-    "UnsupportedModelError", "embed_tokens", "head_logits", "init_params", "param_logical_axes", "param_shapes",
-    "preset", "tiny", "HFCheckpointError", "from_hf", "to_hf", "token_kl", "token_logprobs",
-    "unstack_layer_params", "vocab_logprobs",
+    "UnsupportedModelError", "embed_tokens", "head_logits", "init_params", "param_logical_axes",
+    "param_shapes", "preset", "tiny", "HFCheckpointError", "from_hf", "to_hf", "token_kl",
+    "token_logprobs", "unstack_layer_params", "vocab_logprobs",
 ]

@@ -306,7 +306,7 @@ class Attention(nn.Module):
         if layer_cache is not None:
             ck, cv, layer, pk, pv = layer_cache
             # Slots count the shared prefix first; the rows' own buffers start after it.
-            own = index if pk is None else index - (pk.shape[-2])
+            own = index if pk is None else index - pk.shape[-2]
             if layer is None:
                 # This layer's own buffers [B, KV, S, hd]: write in place, read them whole.
                 start = (0, 0, own, 0)

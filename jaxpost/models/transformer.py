@@ -244,7 +244,8 @@ def _output_head(cfg: ModelConfig, embed: nn.Embed, x: jax.Array) -> jax.Array:
     else:
         out = Linear(cfg.vocab_size, ("embed", "vocab"), cfg, name="lm_head")(x)
         out = out.astype(jnp.float32)
-    axes = ("activation_batch", "activation_length")[:x.ndim - 1] + ("activation_vocab",)
+    lead = ("activation_batch", "activation_length") + (None,) * max(x.ndim - 3, 0)
+    axes = lead[:x.ndim - 1] + ("activation_vocab",)
     return constrain(out, axes)
 
 
