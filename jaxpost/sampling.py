@@ -251,8 +251,10 @@ def _layout(unstack: bool) -> str:
     return "per_layer" if unstack else "stacked"
 
 
-def _cache_axes(cfg: ModelConfig, unstack: bool, shared_prefix: bool = False) -> KVCache:
-    return KVCache.logical_axes(_layout(unstack), cfg.num_layers, shared_prefix=shared_prefix)
+def _cache_axes(cfg: ModelConfig, unstack: bool, cache: KVCache) -> KVCache:
+    """The logical axes of `cache` (or of its shapes): with a shared prefix if it has one."""
+    return KVCache.logical_axes(_layout(unstack), cfg.num_layers,
+                                shared_prefix=cache.prefix_k is not None)
 
 
 def _is_names(x) -> bool:
@@ -260,7 +262,7 @@ def _is_names(x) -> bool:
 
 
 def _constrain_cache(cache: KVCache, cfg: ModelConfig, unstack: bool) -> KVCache:
-    axes = _cache_axes(cfg, unstack, shared_prefix=cache.prefix_k is not None)
+    axes = _cache_axes(cfg, unstack, cache)
     return jax.tree.map(lambda names, x: constrain(x, names) if names else x,
                         axes, cache, is_leaf=_is_names)
 
@@ -535,8 +537,7 @@ class Sampler:
     def _cache_shardings(self, batch: int, max_len: int, prefix: tuple[int, int] | None):
         shapes = jax.eval_shape(
             lambda: _init_cache(self.model_cfg, batch, max_len, self.unstack_layers, prefix))
-        return shd.logical_to_shardings(_cache_axes(self.model_cfg, self.unstack_layers,
-                                                    shared_prefix=prefix is not None),
+        return shd.logical_to_shardings(_cache_axes(self.model_cfg, self.unstack_layers, shapes),
                                         shapes, self.mesh, self.rules)
 
     def _prefill_fn(self, batch: int, prompt_len: int, max_len: int,

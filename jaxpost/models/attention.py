@@ -50,9 +50,9 @@ class KVCache:
 
     A cache with a shared prefix (`share_rows`: one prompt's cache continued by n rows,
     GRPO's groups and the sampler's `num_samples`) keeps the prompt's keys and values once
-    per group in `prefix_k` / `prefix_v` ([..., batch / n, kv_heads, prefix_len, head_dim],
-    the layout of `k`), and only the rows' own slots in `k` / `v` ([..., batch, kv_heads,
-    max_len - prefix_len, head_dim]); slot numbers (`index`, `key_mask`) count the
+    per group in `prefix_k` / `prefix_v` ([..., batch / n, kv_heads, P, head_dim], the
+    layout of `k`), and only the rows' own slots in `k` / `v` ([..., batch, kv_heads,
+    max_len - P, head_dim]); slot numbers (`index`, `key_mask`) count the
     prefix slots first. Attention reads each group's prefix once instead of n copies.
     """
 
@@ -93,14 +93,6 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.key_mask.shape[1]
-
-    @property
-    def prefix_len(self) -> int:
-        """Slots of the shared prefix (0 without one)."""
-        if self.prefix_k is None:
-            return 0
-        first = self.prefix_k[0] if isinstance(self.prefix_k, (tuple, list)) else self.prefix_k
-        return first.shape[-2]
 
     def share_rows(self, n: int, new_slots: int) -> "KVCache":
         """This cache, filled up to its last slot, as the shared prefix of n rows per row
