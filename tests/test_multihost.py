@@ -185,8 +185,11 @@ def test_two_process_primitives_and_a_killed_peer_stops_the_run(tmp_path):
     print(f"process 0 exited {waited:.1f} s after process 1 was killed")
     assert procs[0].returncode != 0, out[-2000:]
     assert waited < heartbeat + 60
-    assert any(w in out for w in ("heartbeat", "Connection", "unhealthy", "UNAVAILABLE")), \
-        out[-2000:]
+    # How the survivor learns of it depends on where the peer died: the coordination
+    # service's heartbeat, or a collective already in flight whose gloo TCP pair saw the
+    # connection drop ("Connection reset") or a torn message ("gloo::EnforceNotMet").
+    assert any(w in out for w in ("heartbeat", "Connection", "unhealthy", "UNAVAILABLE",
+                                  "gloo::")), out[-2000:]
 
     reports = [json.loads((tmp_path / f"report_{p}.json").read_text()) for p in range(2)]
     rows = [(np.arange(12).reshape(4, 3) + 100 * p).tolist() for p in range(2)]
