@@ -52,7 +52,7 @@ from jaxpost import sharding as shd
 from jaxpost.models.attention import KVCache
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.layers import constrain
-from jaxpost.models.transformer import Transformer, unstack_layer_params
+from jaxpost.models.transformer import Transformer, layer_name, unstack_layer_params
 
 _CDF_BLOCK = 128  # vocabulary block of the two-level inverse-CDF draw
 
@@ -281,18 +281,19 @@ def _init_cache(cfg: ModelConfig, batch: int, max_len: int, unstack: bool,
 class _Runner:
     """`Transformer(cfg)` as the sampler runs it, inside `jit`: the model's own module.
 
-    With `unstack`, the model runs in its "per_layer" layout: the stacked layer
-    parameters are sliced into per-layer subtrees once per call (`unstack_layer_params`,
-    cast to the compute dtype) and the cache keeps one buffer per layer. This is for
-    XLA:CPU, which copies every layer's weights out of the stack at every decode step when
-    the layers are scanned (about 20% of a tiny-llama step); on accelerators the stacked
-    model is used as is and no parameter copy is made.
+    With `unstack`, the model runs in its "per_layer" layout: stacked layer parameters
+    are sliced into per-layer subtrees (`unstack_layer_params`, cast to the compute
+    dtype; params already in that layout are used as they are) and the cache keeps one
+    buffer per layer. This is for XLA:CPU, which copies every layer's weights out of the
+    stack at every decode step when the layers are scanned (about 20% of a tiny-llama
+    step); on accelerators the stacked model is used as is and no parameter copy is made.
     """
 
     def __init__(self, cfg: ModelConfig, params, unstack: bool):
         self.cfg, self.unstack = cfg, unstack
         self.model = Transformer(cfg, layer_params=_layout(unstack))
-        self.params = unstack_layer_params(params, cfg.dtype) if unstack else params
+        self.params = (unstack_layer_params(params, cfg.dtype)
+                       if unstack and "layers" in params else params)
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         return self.constrain(_init_cache(self.cfg, batch, max_len, self.unstack))
@@ -472,12 +473,23 @@ def generate(model_cfg: ModelConfig, params, prompts: jax.Array, prompt_lengths:
     return out
 
 
+def _per_layer_shardings(shardings, num_layers: int):
+    """The shardings of `unstack_layer_params(params)` from those of `params`: each
+    stacked leaf's sharding without its leading layers axis, for every layer."""
+    drop = lambda s: NamedSharding(s.mesh, P(*s.spec[1:]))  # noqa: E731
+    layer = jax.tree.map(drop, shardings["layers"])
+    out = {k: v for k, v in shardings.items() if k != "layers"}
+    out.update({layer_name(i): layer for i in range(num_layers)})
+    return out
+
+
 class Sampler:
     """Compiled sampling for one model (and optionally one mesh).
 
     `Sampler(model_cfg)(params, prompts, prompt_lengths, rng, cfg)` dispatches a jitted
     prefill, then a jitted decode loop that donates the KV cache; nothing waits on the
-    host in between. Compiled functions are kept per (batch, prompt length, static
+    host in between. With `unstack_layers`, the prefill also returns the per-layer copy
+    of the weights it made, which the decode reads: one copy per call. Compiled functions are kept per (batch, prompt length, static
     sampling settings: `max_new_tokens`, `top_k`, stop ids, `pad_id`); temperature and
     top-p are traced, so changing them never recompiles.
 
@@ -492,10 +504,11 @@ class Sampler:
       rules: logical-axis rules.
       unstack_layers: run the model in its "per_layer" layout (`Transformer(cfg,
         layer_params="per_layer")`): inside each call, the stacked layer weights are
-        copied into per-layer arrays once (`unstack_layer_params`) and the cache keeps
-        one buffer per layer, so that decode steps read them in place (XLA:CPU otherwise
-        copies every layer's weights out of the stack at every step). Costs one extra
-        copy of the layer weights while sampling. Default: True on CPU, False elsewhere.
+        copied into per-layer arrays once (`unstack_layer_params`, in the prefill, which
+        hands them to the decode) and the cache keeps one buffer per layer, so that
+        decode steps read them in place (XLA:CPU otherwise copies every layer's weights
+        out of the stack at every step). Costs one extra copy of the layer weights while
+        sampling. Default: True on CPU, False elsewhere.
     """
 
     def __init__(self, model_cfg: ModelConfig, mesh: Mesh | None = None,
@@ -549,8 +562,11 @@ class Sampler:
 
             def prefill_fn(params, prompts, prompt_lengths):
                 with _rules(mesh, rules):
-                    return _prefill(_Runner(cfg, params, unstack), prompts, prompt_lengths,
-                                    max_len, num_samples)
+                    runner = _Runner(cfg, params, unstack)
+                    logits, cache = _prefill(runner, prompts, prompt_lengths, max_len,
+                                             num_samples)
+                # The per-layer copy goes on to the decode (with `unstack`; else params).
+                return logits, cache, runner.params if unstack else None
 
             if mesh is None:
                 self._compiled[key] = jax.jit(prefill_fn)
@@ -562,8 +578,16 @@ class Sampler:
                                   self._named(("batch", None), (batch, prompt_len)), rows),
                     out_shardings=(self._logits_sharding(batch * num_samples),
                                    self._cache_shardings(batch * num_samples, max_len,
-                                                         _prefix(num_samples, prompt_len))))
+                                                         _prefix(num_samples, prompt_len)),
+                                   self._decode_param_shardings(param_shardings)))
         return self._compiled[key]
+
+    def _decode_param_shardings(self, param_shardings):
+        """Shardings of the params the decode reads: the prefill's per-layer copy with
+        `unstack_layers` (None: the prefill returns no params), else `param_shardings`."""
+        if param_shardings is None or not self.unstack_layers:
+            return None
+        return _per_layer_shardings(param_shardings, self.model_cfg.num_layers)
 
     def _logits_sharding(self, batch: int) -> NamedSharding:
         return self._named(("batch", "activation_vocab"), (batch, self.model_cfg.vocab_size))
@@ -591,7 +615,8 @@ class Sampler:
                                       truncated=rows)
                 self._compiled[key] = jax.jit(
                     decode_fn,
-                    in_shardings=(param_shardings, self._logits_sharding(batch), cache_sh,
+                    in_shardings=(self._decode_param_shardings(param_shardings) or
+                                  param_shardings, self._logits_sharding(batch), cache_sh,
                                   rep, rep, rep),
                     out_shardings=(out_sh, cache_sh), donate_argnums=2)
         return self._compiled[key]
@@ -631,7 +656,7 @@ class Sampler:
             params = jax.device_put(params, param_shardings)
             prompts = jax.device_put(prompts, self._named(("batch", None), prompts.shape))
             prompt_lengths = jax.device_put(prompt_lengths, self._named(("batch",), (batch,)))
-        logits, cache = prefill_fn(params, prompts, prompt_lengths)
-        out, _ = decode_fn(params, logits, cache, rng, jnp.float32(cfg.temperature),
-                           jnp.float32(cfg.top_p))
+        logits, cache, per_layer = prefill_fn(params, prompts, prompt_lengths)
+        out, _ = decode_fn(params if per_layer is None else per_layer, logits, cache, rng,
+                           jnp.float32(cfg.temperature), jnp.float32(cfg.top_p))
         return out
