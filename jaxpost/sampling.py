@@ -52,7 +52,7 @@ from jaxpost import sharding as shd
 from jaxpost.models.attention import KVCache
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.layers import constrain
-from jaxpost.models.transformer import Transformer, layer_name, unstack_layer_params
+from jaxpost.models.transformer import Transformer, unstack_layer_params
 
 _CDF_BLOCK = 128  # vocabulary block of the two-level inverse-CDF draw
 
@@ -267,33 +267,26 @@ def _constrain_cache(cache: KVCache, cfg: ModelConfig, unstack: bool) -> KVCache
                         axes, cache, is_leaf=_is_names)
 
 
-def _init_cache(cfg: ModelConfig, batch: int, max_len: int, unstack: bool,
-                prefix: tuple[int, int] | None = None) -> KVCache:
-    """An empty cache; `prefix` = (n, P): the cache `_prefill` makes for n samples per
-    prompt, [batch / n] prompts' P slots shared by their n rows, each with its own rest."""
-    if prefix is None:
-        return KVCache.init(cfg, batch, max_len, layer_params=_layout(unstack))
-    n, p = prefix
-    return KVCache.init(cfg, batch // n, p, layer_params=_layout(unstack)).share_rows(
-        n, max_len - p)
+def _init_cache(cfg: ModelConfig, batch: int, max_len: int, unstack: bool) -> KVCache:
+    """An empty cache of `max_len` slots per row, in the layout of `unstack`."""
+    return KVCache.init(cfg, batch, max_len, layer_params=_layout(unstack))
 
 
 class _Runner:
     """`Transformer(cfg)` as the sampler runs it, inside `jit`: the model's own module.
 
-    With `unstack`, the model runs in its "per_layer" layout: stacked layer parameters
-    are sliced into per-layer subtrees (`unstack_layer_params`, cast to the compute
-    dtype; params already in that layout are used as they are) and the cache keeps one
-    buffer per layer. This is for XLA:CPU, which copies every layer's weights out of the
-    stack at every decode step when the layers are scanned (about 20% of a tiny-llama
-    step); on accelerators the stacked model is used as is and no parameter copy is made.
+    With `unstack`, the model runs in its "per_layer" layout: the stacked layer
+    parameters are sliced into per-layer subtrees once per call (`unstack_layer_params`,
+    cast to the compute dtype) and the cache keeps one buffer per layer. This is for
+    XLA:CPU, which copies every layer's weights out of the stack at every decode step when
+    the layers are scanned (about 20% of a tiny-llama step); on accelerators the stacked
+    model is used as is and no parameter copy is made.
     """
 
     def __init__(self, cfg: ModelConfig, params, unstack: bool):
         self.cfg, self.unstack = cfg, unstack
         self.model = Transformer(cfg, layer_params=_layout(unstack))
-        self.params = (unstack_layer_params(params, cfg.dtype)
-                       if unstack and "layers" in params else params)
+        self.params = unstack_layer_params(params, cfg.dtype) if unstack else params
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         return self.constrain(_init_cache(self.cfg, batch, max_len, self.unstack))
@@ -426,11 +419,6 @@ def _default_unstack(mesh: Mesh | None) -> bool:
     return platform == "cpu"
 
 
-def _prefix(num_samples: int, prompt_len: int) -> tuple[int, int] | None:
-    """The shared prefix of `_prefill`'s cache: (n, P) for n > 1 samples per prompt."""
-    return (num_samples, prompt_len) if num_samples > 1 else None
-
-
 def _rules(mesh: Mesh | None, rules):
     return contextlib.nullcontext() if mesh is None else shd.logical_rules(mesh, rules)
 
@@ -464,39 +452,41 @@ def generate(model_cfg: ModelConfig, params, prompts: jax.Array, prompt_lengths:
     _check_inputs(prompts, prompt_lengths)
     if unstack_layers is None:
         unstack_layers = _default_unstack(mesh)
+    return _generate(model_cfg, params, prompts, prompt_lengths, rng,
+                     jnp.float32(cfg.temperature), jnp.float32(cfg.top_p),
+                     static=_static_args(model_cfg, cfg), num_samples=cfg.num_samples,
+                     unstack=unstack_layers, mesh=mesh, rules=rules)
+
+
+def _generate(model_cfg: ModelConfig, params, prompts, prompt_lengths, rng, temperature,
+              top_p, *, static: dict[str, Any], num_samples: int, unstack: bool,
+              mesh: Mesh | None, rules) -> SampleOutput:
+    """Prefill, then the decode loop, inside the program that traces it (`generate`'s
+    caller, or the Sampler's jit): with `unstack`, the one per-layer copy of the weights
+    is a temporary of that program, read by the prefill and by every decode step."""
     with _rules(mesh, rules):
-        runner = _Runner(model_cfg, params, unstack_layers)
+        runner = _Runner(model_cfg, params, unstack)
         logits, cache = _prefill(runner, prompts, prompt_lengths,
-                                 prompts.shape[1] + cfg.max_new_tokens, cfg.num_samples)
-        out, _ = _decode(runner, logits, cache, rng, jnp.float32(cfg.temperature),
-                         jnp.float32(cfg.top_p), **_static_args(model_cfg, cfg))
-    return out
-
-
-def _per_layer_shardings(shardings, num_layers: int):
-    """The shardings of `unstack_layer_params(params)` from those of `params`: each
-    stacked leaf's sharding without its leading layers axis, for every layer."""
-    drop = lambda s: NamedSharding(s.mesh, P(*s.spec[1:]))  # noqa: E731
-    layer = jax.tree.map(drop, shardings["layers"])
-    out = {k: v for k, v in shardings.items() if k != "layers"}
-    out.update({layer_name(i): layer for i in range(num_layers)})
+                                 prompts.shape[1] + static["max_new_tokens"], num_samples)
+        out, _ = _decode(runner, logits, cache, rng, temperature, top_p, **static)
     return out
 
 
 class Sampler:
     """Compiled sampling for one model (and optionally one mesh).
 
-    `Sampler(model_cfg)(params, prompts, prompt_lengths, rng, cfg)` dispatches a jitted
-    prefill, then a jitted decode loop that donates the KV cache; nothing waits on the
-    host in between. With `unstack_layers`, the prefill also returns the per-layer copy
-    of the weights it made, which the decode reads: one copy per call. Compiled functions are kept per (batch, prompt length, static
-    sampling settings: `max_new_tokens`, `top_k`, stop ids, `pad_id`); temperature and
-    top-p are traced, so changing them never recompiles.
+    `Sampler(model_cfg)(params, prompts, prompt_lengths, rng, cfg)` runs one jitted
+    program: the prefill, then the decode loop (a `lax.while_loop` that writes the KV
+    cache in place); nothing waits on the host in between. Compiled programs are kept per
+    (batch, prompt length, `num_samples`, static sampling settings: `max_new_tokens`,
+    `top_k`, stop ids, `pad_id`); temperature and top-p are traced, so changing them
+    never recompiles.
 
-    With a mesh, both functions are jitted with explicit shardings: parameters by
-    `sharding.param_shardings`, prompts and outputs by the `batch` rule, the cache by
-    `KVCache.logical_axes` (of the layout in use). Host (NumPy) inputs are placed
-    accordingly; on several hosts pass global arrays (e.g. from `sharding.shard_batch`).
+    With a mesh, the program is jitted with explicit shardings: parameters by
+    `sharding.param_shardings`, prompts and outputs by the `batch` rule; inside it the
+    cache follows `KVCache.logical_axes` (of the layout in use). Host (NumPy) inputs are
+    placed accordingly; on several hosts pass global arrays (e.g. from
+    `sharding.shard_batch`).
 
     Args:
       model_cfg: the model's config.
@@ -504,11 +494,12 @@ class Sampler:
       rules: logical-axis rules.
       unstack_layers: run the model in its "per_layer" layout (`Transformer(cfg,
         layer_params="per_layer")`): inside each call, the stacked layer weights are
-        copied into per-layer arrays once (`unstack_layer_params`, in the prefill, which
-        hands them to the decode) and the cache keeps one buffer per layer, so that
-        decode steps read them in place (XLA:CPU otherwise copies every layer's weights
-        out of the stack at every step). Costs one extra copy of the layer weights while
-        sampling. Default: True on CPU, False elsewhere.
+        copied into per-layer arrays once per call (`unstack_layer_params`, a temporary
+        of the sampling program that the prefill and every decode step read) and the
+        cache keeps one buffer per layer, so that decode steps read them in place
+        (XLA:CPU otherwise copies every layer's weights out of the stack at every step).
+        Costs one extra copy of the layer weights while sampling. Default: True on CPU,
+        False elsewhere.
     """
 
     def __init__(self, model_cfg: ModelConfig, mesh: Mesh | None = None,
@@ -521,7 +512,7 @@ class Sampler:
         self._param_shardings = (None if mesh is None
                                  else shd.param_shardings(model_cfg, mesh, rules))
         self._tree_shardings: dict[Any, Any] = {}  # params treedef -> its shardings
-        self._compiled: dict[tuple, Callable] = {}  # jitted prefill / decode functions
+        self._compiled: dict[tuple, Callable] = {}  # jitted sampling programs
 
     def _shardings_of(self, params):
         """Shardings for a params tree: the model's own for its parameters; leaves the
@@ -547,78 +538,32 @@ class Sampler:
     def _named(self, names, shape) -> NamedSharding:
         return NamedSharding(self.mesh, shd.logical_to_spec(names, shape, self.mesh, self.rules))
 
-    def _cache_shardings(self, batch: int, max_len: int, prefix: tuple[int, int] | None):
-        shapes = jax.eval_shape(
-            lambda: _init_cache(self.model_cfg, batch, max_len, self.unstack_layers, prefix))
-        return shd.logical_to_shardings(_cache_axes(self.model_cfg, self.unstack_layers, shapes),
-                                        shapes, self.mesh, self.rules)
-
-    def _prefill_fn(self, batch: int, prompt_len: int, max_len: int,
-                    param_shardings=None, num_samples: int = 1) -> Callable:
-        key = ("prefill", batch, prompt_len, max_len, jax.tree.structure(param_shardings),
-               num_samples)
+    def _sample_fn(self, batch: int, prompt_len: int, static: dict[str, Any],
+                   param_shardings=None, num_samples: int = 1) -> Callable:
+        key = ("sample", batch, prompt_len, tuple(sorted(static.items())),
+               jax.tree.structure(param_shardings), num_samples)
         if key not in self._compiled:
             cfg, mesh, rules, unstack = self.model_cfg, self.mesh, self.rules, self.unstack_layers
 
-            def prefill_fn(params, prompts, prompt_lengths):
-                with _rules(mesh, rules):
-                    runner = _Runner(cfg, params, unstack)
-                    logits, cache = _prefill(runner, prompts, prompt_lengths, max_len,
-                                             num_samples)
-                # The per-layer copy goes on to the decode (with `unstack`; else params).
-                return logits, cache, runner.params if unstack else None
+            def sample_fn(params, prompts, prompt_lengths, rng, temperature, top_p):
+                return _generate(cfg, params, prompts, prompt_lengths, rng, temperature,
+                                 top_p, static=static, num_samples=num_samples,
+                                 unstack=unstack, mesh=mesh, rules=rules)
 
             if mesh is None:
-                self._compiled[key] = jax.jit(prefill_fn)
+                self._compiled[key] = jax.jit(sample_fn)
             else:
-                rows = self._named(("batch",), (batch,))
-                self._compiled[key] = jax.jit(
-                    prefill_fn,
-                    in_shardings=(param_shardings,
-                                  self._named(("batch", None), (batch, prompt_len)), rows),
-                    out_shardings=(self._logits_sharding(batch * num_samples),
-                                   self._cache_shardings(batch * num_samples, max_len,
-                                                         _prefix(num_samples, prompt_len)),
-                                   self._decode_param_shardings(param_shardings)))
-        return self._compiled[key]
-
-    def _decode_param_shardings(self, param_shardings):
-        """Shardings of the params the decode reads: the prefill's per-layer copy with
-        `unstack_layers` (None: the prefill returns no params), else `param_shardings`."""
-        if param_shardings is None or not self.unstack_layers:
-            return None
-        return _per_layer_shardings(param_shardings, self.model_cfg.num_layers)
-
-    def _logits_sharding(self, batch: int) -> NamedSharding:
-        return self._named(("batch", "activation_vocab"), (batch, self.model_cfg.vocab_size))
-
-    def _decode_fn(self, batch: int, max_len: int, static: dict[str, Any],
-                   param_shardings=None, prefix: tuple[int, int] | None = None) -> Callable:
-        key = ("decode", batch, max_len, tuple(sorted(static.items())),
-               jax.tree.structure(param_shardings), prefix)
-        if key not in self._compiled:
-            cfg, mesh, rules, unstack = self.model_cfg, self.mesh, self.rules, self.unstack_layers
-
-            def decode_fn(params, logits, cache, rng, temperature, top_p):
-                with _rules(mesh, rules):
-                    return _decode(_Runner(cfg, params, unstack), logits, cache, rng,
-                                   temperature, top_p, **static)
-
-            if mesh is None:
-                self._compiled[key] = jax.jit(decode_fn, donate_argnums=2)
-            else:
-                cache_sh = self._cache_shardings(batch, max_len, prefix)
-                rows = self._named(("batch",), (batch,))
-                out_rows = self._named(("batch", None), (batch, static["max_new_tokens"]))
+                n = batch * num_samples
+                rows = self._named(("batch",), (n,))
+                out_rows = self._named(("batch", None), (n, static["max_new_tokens"]))
                 rep = NamedSharding(mesh, P())
-                out_sh = SampleOutput(tokens=out_rows, logprobs=out_rows, lengths=rows,
-                                      truncated=rows)
                 self._compiled[key] = jax.jit(
-                    decode_fn,
-                    in_shardings=(self._decode_param_shardings(param_shardings) or
-                                  param_shardings, self._logits_sharding(batch), cache_sh,
-                                  rep, rep, rep),
-                    out_shardings=(out_sh, cache_sh), donate_argnums=2)
+                    sample_fn,
+                    in_shardings=(param_shardings,
+                                  self._named(("batch", None), (batch, prompt_len)),
+                                  self._named(("batch",), (batch,)), rep, rep, rep),
+                    out_shardings=SampleOutput(tokens=out_rows, logprobs=out_rows,
+                                               lengths=rows, truncated=rows))
         return self._compiled[key]
 
     def __call__(self, params, prompts: jax.Array, prompt_lengths: jax.Array, rng: jax.Array,
@@ -646,17 +591,12 @@ class Sampler:
             prompt_lengths = prompt_lengths.astype(np.int32)
         static = _static_args(self.model_cfg, cfg)
         batch, prompt_len = prompts.shape
-        max_len = prompt_len + static["max_new_tokens"]
         param_shardings = None if self.mesh is None else self._shardings_of(params)
-        n = int(cfg.num_samples)
-        prefill_fn = self._prefill_fn(batch, prompt_len, max_len, param_shardings, n)
-        decode_fn = self._decode_fn(batch * n, max_len, static, param_shardings,
-                                    _prefix(n, prompt_len))
+        sample_fn = self._sample_fn(batch, prompt_len, static, param_shardings,
+                                    int(cfg.num_samples))
         if self.mesh is not None:
             params = jax.device_put(params, param_shardings)
             prompts = jax.device_put(prompts, self._named(("batch", None), prompts.shape))
             prompt_lengths = jax.device_put(prompt_lengths, self._named(("batch",), (batch,)))
-        logits, cache, per_layer = prefill_fn(params, prompts, prompt_lengths)
-        out, _ = decode_fn(params if per_layer is None else per_layer, logits, cache, rng,
-                           jnp.float32(cfg.temperature), jnp.float32(cfg.top_p))
-        return out
+        return sample_fn(params, prompts, prompt_lengths, rng, jnp.float32(cfg.temperature),
+                         jnp.float32(cfg.top_p))

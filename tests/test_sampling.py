@@ -174,16 +174,15 @@ def test_repeated_sampler_calls_with_the_same_shapes_compile_once(params, monkey
         out = fresh(p, _prompts(seed, lengths), lengths, jax.random.key(seed),
                     GREEDY.replace(temperature=temperature, top_p=top_p))
         jax.block_until_ready(out)
-    assert len(fresh._compiled) == 2  # one prefill, one decode
+    assert len(fresh._compiled) == 1  # one program: the prefill, then the decode loop
 
 
 @pytest.mark.parametrize("unstack", [True, False], ids=["unstacked", "stacked"])
 def test_a_sampler_call_copies_the_layer_weights_at_most_once(params, monkeypatch, unstack):
-    # With unstack_layers, the prefill slices the stacked weights into per-layer arrays
-    # and hands them to the decode, which reads them as they are (a second slice there
-    # was a second copy of every layer weight per call, ~7% of W-GEN on CPU); the
-    # stacked layout copies nothing. Outputs are those of `generate`, which makes its
-    # one copy inside one program.
+    # With unstack_layers, the stacked weights are sliced into per-layer arrays once per
+    # call, a temporary that the prefill and every decode step read (a prefill and a
+    # decode jitted apart sliced them twice: ~7% of W-GEN on CPU); the stacked layout
+    # copies nothing. Outputs are those of `generate`, the same body run eagerly.
     traced = []
     real = sampling.unstack_layer_params
     monkeypatch.setattr(sampling, "unstack_layer_params",
