@@ -1,4 +1,4 @@
-"""Autoregressive sampling: a jitted prefill, then one jitted decode loop over a KV cache.
+"""Autoregressive sampling: a prefill, then one decode loop over a KV cache, in one jit.
 
 Prompts come in the natural user format, a right-padded int32 array `[B, P]` plus the
 length of each row; they are left-aligned inside `jit` (the cache writes every row at
@@ -31,7 +31,7 @@ forward pass and nothing else, so whatever the model applies (LoRA adapters, ...
 to sampling too. On CPU the sampler runs the model in its "per_layer" layout (per-layer
 weight copies made once per call; see `Sampler`'s `unstack_layers`).
 
-Entry points: `Sampler` (compiled, sharded, cache donated: what training loops use),
+Entry points: `Sampler` (compiled once per shape, sharded: what training loops use),
 `generate` (the same as one pure function, to call inside your own `jit`), and the
 token-choice pieces `sample_logits` and `top_p_mask`.
 """

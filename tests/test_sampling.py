@@ -160,8 +160,8 @@ def test_sampler_applies_lora_adapters_the_model_applies(params, greedy, unstack
 
 
 def test_repeated_sampler_calls_with_the_same_shapes_compile_once(params, monkeypatch):
-    # Each trace of the jitted prefill / decode runs `_prefill` / `_decode` once: a second
-    # trace of either (new params values, host or device arrays, other prompts, lengths,
+    # Each trace of the jitted sampling program runs `_prefill` and `_decode` once: a
+    # second trace (new params values, host or device arrays, other prompts, lengths,
     # keys, temperature, top-p) fails the assertion.
     chex.clear_trace_counter()
     monkeypatch.setattr(sampling, "_prefill", chex.assert_max_traces(sampling._prefill, n=1))
