@@ -429,8 +429,8 @@ def generate(model_cfg: ModelConfig, params, prompts: jax.Array, prompt_lengths:
              unstack_layers: bool | None = None) -> SampleOutput:
     """Samples completions; a pure function of its arguments, usable inside `jax.jit`.
 
-    For repeated calls prefer `Sampler`, which compiles once, places inputs on the mesh
-    and donates the cache.
+    For repeated calls prefer `Sampler`, which jits this same body once per shape and
+    places inputs on the mesh.
 
     Args:
       model_cfg: the model's config.
