@@ -251,25 +251,8 @@ def _layout(unstack: bool) -> str:
     return "per_layer" if unstack else "stacked"
 
 
-def _cache_axes(cfg: ModelConfig, unstack: bool, cache: KVCache) -> KVCache:
-    """The logical axes of `cache` (or of its shapes): with a shared prefix if it has one."""
-    return KVCache.logical_axes(_layout(unstack), cfg.num_layers,
-                                shared_prefix=cache.prefix_k is not None)
-
-
 def _is_names(x) -> bool:
     return isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x)
-
-
-def _constrain_cache(cache: KVCache, cfg: ModelConfig, unstack: bool) -> KVCache:
-    axes = _cache_axes(cfg, unstack, cache)
-    return jax.tree.map(lambda names, x: constrain(x, names) if names else x,
-                        axes, cache, is_leaf=_is_names)
-
-
-def _init_cache(cfg: ModelConfig, batch: int, max_len: int, unstack: bool) -> KVCache:
-    """An empty cache of `max_len` slots per row, in the layout of `unstack`."""
-    return KVCache.init(cfg, batch, max_len, layer_params=_layout(unstack))
 
 
 class _Runner:
@@ -289,10 +272,16 @@ class _Runner:
         self.params = unstack_layer_params(params, cfg.dtype) if unstack else params
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
-        return self.constrain(_init_cache(self.cfg, batch, max_len, self.unstack))
+        """An empty cache of `max_len` slots per row, in this runner's layout."""
+        return self.constrain(KVCache.init(self.cfg, batch, max_len,
+                                           layer_params=_layout(self.unstack)))
 
     def constrain(self, cache: KVCache) -> KVCache:
-        return _constrain_cache(cache, self.cfg, self.unstack)
+        """`cache` constrained to its logical axes (with a shared prefix if it has one)."""
+        axes = KVCache.logical_axes(_layout(self.unstack), self.cfg.num_layers,
+                                    shared_prefix=cache.prefix_k is not None)
+        return jax.tree.map(lambda names, x: constrain(x, names) if names else x,
+                            axes, cache, is_leaf=_is_names)
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array, cache: KVCache,
                  last_only: bool = False) -> tuple[jax.Array, KVCache]:
