@@ -1,12 +1,14 @@
 """jaxpost/models/layers.py: `Linear` over inputs of any rank, with bias and LoRA pairs."""
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxpost.models import preset
-from jaxpost.models.layers import Linear
+from jaxpost.models.layers import Linear, matmul_transposed_weight_grad
 
 
 def _params(rng, d_in, d_out, *, bias, rank):
@@ -55,3 +57,62 @@ class LinearTest(chex.TestCase):
             expected = x.reshape(-1, d_in).T @ c.reshape(-1, d_out)
             chex.assert_trees_all_close(grad["kernel"], expected, atol=1e-4, rtol=1e-5)
             chex.assert_tree_all_finite(grad)
+
+
+class TransposedWeightGradTest(chex.TestCase):
+    """`matmul_transposed_weight_grad` (the output head's product on CPU) is `x @ w` with
+    the same gradients, only computed as different products: NumPy's `dy · wᵀ` and
+    `xᵀ · dy`, through `Linear` with bias and LoRA too, and a frozen kernel gets none."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_value_and_gradients_match_numpy(self):
+        r = np.random.default_rng(0)
+        x = r.standard_normal((12, 6)).astype(np.float32)
+        w = r.standard_normal((6, 9)).astype(np.float32)
+        c = r.standard_normal((12, 9)).astype(np.float32)
+        y = self.variant(matmul_transposed_weight_grad)(x, w)
+        chex.assert_shape(y, (12, 9))
+        chex.assert_trees_all_close(y, x @ w, atol=1e-5, rtol=1e-5)
+        dx, dw = self.variant(jax.grad(
+            lambda x, w: jnp.sum(matmul_transposed_weight_grad(x, w) * c), argnums=(0, 1)))(x, w)
+        chex.assert_trees_all_close(dx, c @ w.T, atol=1e-4, rtol=1e-5)
+        chex.assert_trees_all_close(dw, x.T @ c, atol=1e-4, rtol=1e-5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_linear_gradients_equal_the_plain_products(self):
+        cfg = preset("tiny-llama", lora_scale=0.5)
+        p = _params(3, 6, 5, bias=True, rank=2)
+        x = np.random.default_rng(7).standard_normal((2, 3, 6)).astype(np.float32)
+        c = np.random.default_rng(8).standard_normal((2, 3, 5)).astype(np.float32)
+        grads = []
+        for transposed in (False, True):
+            module = Linear(5, ("embed", "mlp"), cfg, use_bias=True,
+                            transposed_weight_grad=transposed)
+            grads.append(self.variant(jax.grad(
+                lambda p, x: jnp.sum(module.apply({"params": p}, x) * c), argnums=(0, 1)))(p, x))
+        chex.assert_trees_all_close(grads[1], grads[0], atol=1e-5, rtol=1e-5)
+        chex.assert_trees_all_close(grads[1][0]["kernel"],
+                                    x.reshape(-1, 6).T @ c.reshape(-1, 5), atol=1e-4, rtol=1e-5)
+
+    def test_frozen_kernel_computes_no_weight_gradient(self):
+        # LoRA on a frozen head: the kernel's gradient is dead code, and XLA drops it (no
+        # product of the kernel's shape is left in the compiled backward); differentiated,
+        # the kernel's gradient is such a product (the check can fail).
+        cfg = preset("tiny-llama", lora_scale=0.5)
+        p = _params(4, 48, 80, bias=False, rank=2)
+        x = np.random.default_rng(9).standard_normal((2, 16, 48)).astype(np.float32)
+        module = Linear(80, ("embed", "vocab"), cfg, transposed_weight_grad=True)
+        product = re.compile(r"= f32\[48,80\]\{[0-9,]*\} (dot|fusion|custom-call)\(")
+
+        def loss(adapters, kernel):
+            return jnp.sum(module.apply({"params": {"kernel": kernel, **adapters}}, x) ** 2)
+
+        adapters = {k: v for k, v in p.items() if k != "kernel"}
+        frozen = jax.jit(jax.grad(loss)).lower(adapters, p["kernel"]).compile().as_text()
+        trained = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
+            adapters, p["kernel"]).compile().as_text()
+        assert not product.search(frozen), "the frozen kernel's gradient was computed"
+        assert product.search(trained)
+        grad = jax.jit(jax.grad(loss))(adapters, p["kernel"])
+        chex.assert_tree_all_finite(grad)
+        chex.assert_shape(grad["lora_a"], (48, 2))
