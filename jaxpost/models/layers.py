@@ -53,6 +53,8 @@ def matmul_transposed_weight_grad(x: jax.Array, w: jax.Array) -> jax.Array:
     x, and the head's backward took ~316 ms of a ~2 s step against ~210 ms this way.
     The copy is [in, M], small beside the [M, out] operands; the optimization barrier
     keeps XLA from folding the transpose back into the dot. Exact: the same products.
+    A custom VJP has no forward-mode rule: `jax.jvp` / `jax.jacfwd` through the head
+    on CPU raise (reverse mode, which training and `jax.grad` use, is unaffected).
     """
     return jnp.dot(x, w)
 
