@@ -242,8 +242,9 @@ def _output_head(cfg: ModelConfig, embed: nn.Embed, x: jax.Array) -> jax.Array:
     if cfg.tie_embeddings:
         out = embed.attend(x).astype(jnp.float32)
     else:
-        # On CPU the head's weight gradient runs twice as fast as a plain product on a
-        # transposed copy of x (see `matmul_transposed_weight_grad`); elsewhere XLA's own.
+        # On CPU the head's weight gradient is a plain product on a transposed copy of x,
+        # twice as fast as XLA's own contraction over the rows (see
+        # `matmul_transposed_weight_grad`); elsewhere XLA's own.
         out = Linear(cfg.vocab_size, ("embed", "vocab"), cfg, name="lm_head",
                      transposed_weight_grad=jax.default_backend() == "cpu")(x)
         out = out.astype(jnp.float32)
