@@ -404,8 +404,7 @@ def _static_args(model_cfg: ModelConfig, cfg: SamplingConfig) -> dict[str, Any]:
 
 
 def _default_unstack(mesh: Mesh | None) -> bool:
-    platform = (jax.devices()[0] if mesh is None else mesh.devices.flat[0]).platform
-    return platform == "cpu"
+    return shd.platform(mesh) == "cpu"
 
 
 def _rules(mesh: Mesh | None, rules):

@@ -41,6 +41,48 @@ def test_logical_to_spec_follows_rules_and_replicates_indivisible_dims():
         sh.logical_to_spec(("nonsense",), (4,), mesh)
 
 
+def _equations(jaxpr):
+    """Every equation of a jaxpr, those of its sub-jaxprs (jit, scan, remat) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _equations(sub)
+
+
+def test_platform_follows_the_mesh_not_the_default_backend():
+    """`platform()` decides the per-platform choices: the mesh's devices, the mesh being
+    traced under, else the default backend. Under an abstract TPU mesh on this CPU the
+    model scans its 3 layers (a scan unrolled once) and its head's backward is XLA's own;
+    under a CPU mesh the layers' scan is fully unrolled and the head's backward is the
+    custom product (its optimization barrier)."""
+    from flax import linen as nn
+    from jax.sharding import AbstractDevice, AbstractMesh
+    mesh = sh.make_mesh(devices=jax.devices()[:1])
+    assert sh.platform(mesh) == "cpu"
+    assert sh.platform() == jax.default_backend()
+    tpu = AbstractMesh((1, 1, 1), sh.MESH_AXES,
+                       abstract_device=AbstractDevice("TPU v5 lite", None, "tpu"))
+    cfg = tiny("llama", vocab_size=64, hidden_size=32, num_layers=3)
+    params = init_params(cfg, jax.random.key(0))
+    tokens = jnp.zeros((1, 4), jnp.int32)
+
+    def loss(p):
+        return Transformer(cfg).apply({"params": p}, tokens).sum()
+
+    seen = {}
+    for name, context in (("tpu", lambda: jax.sharding.use_abstract_mesh(tpu)),
+                          ("cpu", lambda: sh.logical_rules(mesh))):
+        with context(), nn.logical_axis_rules(sh.DEFAULT_RULES):
+            assert sh.platform() == name and cfg.scans_layers() == (name != "cpu")
+            eqns = list(_equations(jax.make_jaxpr(jax.grad(loss))(params).jaxpr))
+        seen[name] = ({e.params["unroll"] for e in eqns
+                       if e.primitive.name == "scan" and e.params["length"] == 3},
+                      {e.primitive.name for e in eqns})
+    assert seen["tpu"][0] == {1} and seen["cpu"][0] == {3}  # the scan over the layers
+    assert "optimization_barrier" not in seen["tpu"][1]
+    assert "optimization_barrier" in seen["cpu"][1]
+
+
 # llama at 12 positions in the fast suite; the rest (~6-7 s each) with the slow tests. At
 # 128 positions the cache-free attention runs in 2 causal query blocks.
 @pytest.mark.parametrize("family,length", [

@@ -106,11 +106,11 @@ class ModelConfig:
 
     def scans_layers(self, platform: str | None = None) -> bool:
         """Whether the layers run under `lax.scan`: `scan_layers`, or when it is None,
-        everywhere but on CPU (`platform`, default: JAX's default backend)."""
+        everywhere but on CPU (`platform`, default: `jaxpost.sharding.platform()`)."""
         if self.scan_layers is not None:
             return bool(self.scan_layers)
-        import jax  # the config module itself stays free of JAX
-        return (platform or jax.default_backend()) != "cpu"
+        from jaxpost.sharding import platform as current  # the config module stays JAX-free
+        return (platform or current()) != "cpu"
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> "ModelConfig":

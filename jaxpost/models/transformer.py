@@ -29,6 +29,7 @@ from jaxpost.models.attention import (
     Attention, KVCache, check_layer_layout, make_attention_mask, make_cache_mask, rope_tables)
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.layers import MLP, Linear, RMSNorm, constrain, dtype_of
+from jaxpost.sharding import platform
 
 _ACT = ("activation_batch", "activation_length", "activation_embed")
 
@@ -246,7 +247,7 @@ def _output_head(cfg: ModelConfig, embed: nn.Embed, x: jax.Array) -> jax.Array:
         # twice as fast as XLA's own contraction over the rows (see
         # `matmul_transposed_weight_grad`); elsewhere XLA's own.
         out = Linear(cfg.vocab_size, ("embed", "vocab"), cfg, name="lm_head",
-                     transposed_weight_grad=jax.default_backend() == "cpu")(x)
+                     transposed_weight_grad=platform() == "cpu")(x)
         out = out.astype(jnp.float32)
     lead = ("activation_batch", "activation_length") + (None,) * max(x.ndim - 3, 0)
     axes = lead[:x.ndim - 1] + ("activation_vocab",)
