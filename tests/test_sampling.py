@@ -177,6 +177,28 @@ def test_repeated_sampler_calls_with_the_same_shapes_compile_once(params, monkey
     assert len(fresh._compiled) == 1  # one program: the prefill, then the decode loop
 
 
+def test_the_per_layer_copy_holds_every_kernel_transposed(params):
+    # On CPU the sampler's per-call copy stores every projection and the output head as
+    # `kernel_t` [out, in] (XLA:CPU streams few-row decode products' weights faster in
+    # that layout); the stacked layout passes the params through as they are.
+    def kernels(tree, path=()):
+        if isinstance(tree, dict):
+            for k, v in tree.items():
+                yield from kernels(v, path + (k,))
+        elif path[-1] in ("kernel", "kernel_t"):
+            yield "/".join(path), tree
+
+    per_layer = dict(kernels(sampling._Runner(CFG, params, True).params))
+    stacked = dict(kernels(params))
+    assert per_layer and all(name.endswith("/kernel_t") for name in per_layer)
+    assert per_layer["lm_head/kernel_t"].shape == params["lm_head"]["kernel"].shape[::-1]
+    q = params["layers"]["self_attn"]["q_proj"]["kernel"]
+    np.testing.assert_array_equal(per_layer["layers_1/self_attn/q_proj/kernel_t"], q[1].T)
+    # 7 projections per layer and the head, each once.
+    assert len(per_layer) == 7 * CFG.num_layers + 1 == len(stacked) + 7 * (CFG.num_layers - 1)
+    assert sampling._Runner(CFG, params, False).params is params
+
+
 @pytest.mark.parametrize("unstack", [True, False], ids=["unstacked", "stacked"])
 def test_a_sampler_call_copies_the_layer_weights_at_most_once(params, monkeypatch, unstack):
     # With unstack_layers, the stacked weights are sliced into per-layer arrays once per

@@ -25,8 +25,8 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return nn.with_logical_constraint(x, tuple(names))
 
 
-def _matmul_2d(x: jax.Array, w: jax.Array, *, transposed_weight_grad: bool = False
-               ) -> jax.Array:
+def _matmul_2d(x: jax.Array, w: jax.Array, *, transposed_weight_grad: bool = False,
+               w_out_in: bool = False) -> jax.Array:
     """`x [..., in] @ w [in, out]` through a 2-D view of x [prod(...), in].
 
     The same product, but its weight gradient is then one plain `x2ᵀ · dy2` contraction:
@@ -34,9 +34,13 @@ def _matmul_2d(x: jax.Array, w: jax.Array, *, transposed_weight_grad: bool = Fal
     copies it before every weight-gradient matmul (a tiny-llama MLP block's backward
     ran ~30% slower). Leading axes merge batch-major, so a batch sharding carries over.
     `transposed_weight_grad`: the product of `matmul_transposed_weight_grad`.
+    `w_out_in`: w is given as its transpose [out, in] (`x2 · wᵀ`).
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
+    if w_out_in:
+        y = jax.lax.dot_general(x2, w, (((1,), (1,)), ((), ())))
+        return y.reshape(lead + (w.shape[0],))
     y = matmul_transposed_weight_grad(x2, w) if transposed_weight_grad else jnp.dot(x2, w)
     return y.reshape(lead + (w.shape[-1],))
 
@@ -74,8 +78,26 @@ def _matmul_twg_bwd(res, dy):
 matmul_transposed_weight_grad.defvjp(_matmul_twg_fwd, _matmul_twg_bwd)
 
 
+def kernel_out_in(module_params: dict, dtype: str | jnp.dtype | None = None) -> dict:
+    """A `Linear`'s params with `kernel` [in, out] replaced by `kernel_t` [out, in], a
+    materialised transpose (cast to `dtype` if given): the same outputs, another layout
+    for the matmul. Inside `jit` the optimization barrier keeps XLA from folding the
+    transpose back into the product; make it once per call, outside any decode loop."""
+    out = dict(module_params)
+    kernel = out.pop("kernel")
+    if dtype is not None:
+        kernel = kernel.astype(dtype)
+    out["kernel_t"] = jax.lax.optimization_barrier(jnp.transpose(kernel))
+    return out
+
+
 class Linear(nn.Module):
     """`x @ kernel (+ bias)` with kernel [in, out]; HF stores the transpose as `weight`.
+
+    The kernel may instead be given as its transpose, a `kernel_t` [out, in] leaf in
+    place of `kernel` (`kernel_out_in`): the sampler's per-call copy of the output head on
+    CPU, where XLA:CPU streams a [16, 512] x [512, 16384] decode product's weights at half
+    the rate of the same product on the transposed layout.
 
     LoRA: when this module's params also hold `lora_a` [in, r] and `lora_b` [r, out]
     (leaves added next to the kernel by `jaxpost.peft.lora`; `init` never creates them),
@@ -98,14 +120,18 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(
-                nn.initializers.normal(cfg.initializer_range), self.axes),
-            (x.shape[-1], self.features), dtype_of(cfg.param_dtype))
         dtype = dtype_of(cfg.dtype)
-        y = _matmul_2d(x.astype(dtype), kernel.astype(dtype),
-                       transposed_weight_grad=self.transposed_weight_grad)
+        if self.has_variable("params", "kernel_t"):
+            kernel_t = self.get_variable("params", "kernel_t")
+            y = _matmul_2d(x.astype(dtype), kernel_t.astype(dtype), w_out_in=True)
+        else:
+            kernel = self.param(
+                "kernel",
+                nn.with_logical_partitioning(
+                    nn.initializers.normal(cfg.initializer_range), self.axes),
+                (x.shape[-1], self.features), dtype_of(cfg.param_dtype))
+            y = _matmul_2d(x.astype(dtype), kernel.astype(dtype),
+                           transposed_weight_grad=self.transposed_weight_grad)
         if self.use_bias:
             bias = self.param(
                 "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpost.models import preset
-from jaxpost.models.layers import Linear, matmul_transposed_weight_grad
+from jaxpost.models.layers import Linear, kernel_out_in, matmul_transposed_weight_grad
 
 
 def _params(rng, d_in, d_out, *, bias, rank):
@@ -116,3 +116,41 @@ class TransposedWeightGradTest(chex.TestCase):
         grad = jax.jit(jax.grad(loss))(adapters, p["kernel"])
         chex.assert_tree_all_finite(grad)
         chex.assert_shape(grad["lora_a"], (48, 2))
+
+
+class KernelOutInTest(chex.TestCase):
+    """A kernel given as its transpose (`kernel_t` [out, in], the sampler's CPU layout) is
+    the same `Linear`: outputs and input gradients equal NumPy's with bias and LoRA, and the
+    compiled product reads the [out, in] copy (XLA does not fold the transpose back)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_outputs_and_input_gradient_match_numpy(self):
+        cfg = preset("tiny-llama", lora_scale=0.5)
+        for shape, bias, rank in [((3, 6), True, 0), ((2, 3, 6), False, 2)]:
+            p = _params(len(shape), 6, 5, bias=bias, rank=rank)
+            q = kernel_out_in(p)
+            assert "kernel" not in q and set(p) - {"kernel"} <= set(q)
+            chex.assert_shape(q["kernel_t"], (5, 6))
+            x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+            c = np.random.default_rng(4).standard_normal(shape[:-1] + (5,)).astype(np.float32)
+            module = Linear(5, ("embed", "mlp"), cfg, use_bias=bias)
+            y = self.variant(lambda q, x: module.apply({"params": q}, x))(q, x)
+            chex.assert_trees_all_close(y, _reference(p, x, 0.5), atol=1e-5, rtol=1e-5)
+            dx = self.variant(jax.grad(
+                lambda x: jnp.sum(module.apply({"params": q}, x) * c)))(x)
+            w = p["kernel"] + (0.5 * p["lora_a"] @ p["lora_b"] if rank else 0)
+            chex.assert_trees_all_close(dx, c @ w.T, atol=1e-4, rtol=1e-5)
+
+    def test_the_compiled_product_reads_the_transposed_copy(self):
+        cfg = preset("tiny-llama")
+        p = _params(0, 48, 80, bias=False, rank=0)
+        x = np.ones((16, 48), np.float32)
+        module = Linear(80, ("embed", "vocab"), cfg)
+
+        def hlo(layout):
+            return jax.jit(lambda p, x: module.apply({"params": layout(p)}, x)).lower(
+                p, x).compile().as_text()
+
+        dot = re.compile(r"rhs_contracting_dims=\{(\d)\}")
+        assert set(dot.findall(hlo(lambda p: p))) == {"0"}  # [in, out]: contract its rows
+        assert set(dot.findall(hlo(kernel_out_in))) == {"1"}  # [out, in]: its columns
