@@ -49,6 +49,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxpost import sharding as shd
+from jaxpost.platform import platform
 from jaxpost.models.attention import KVCache
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.layers import constrain, kernel_out_in
@@ -419,7 +420,7 @@ def _static_args(model_cfg: ModelConfig, cfg: SamplingConfig) -> dict[str, Any]:
 
 
 def _default_unstack(mesh: Mesh | None) -> bool:
-    return shd.platform(mesh) == "cpu"
+    return platform(mesh) == "cpu"
 
 
 def _rules(mesh: Mesh | None, rules):

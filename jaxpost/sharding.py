@@ -86,18 +86,6 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | No
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 
-def platform(mesh: Mesh | None = None) -> str:
-    """The platform ("cpu", "gpu", "tpu") that jaxpost's per-platform choices follow
-    (unrolled layers, the sampler's per-layer weights, the CPU output head): `mesh`'s
-    devices; without one, the mesh being traced under (`logical_rules`, `jax.set_mesh`);
-    else JAX's default backend. One answer for all of them, so a CPU mesh under a GPU
-    default backend gets the CPU choices everywhere."""
-    if mesh is not None:
-        return mesh.devices.flat[0].platform
-    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-    return device.platform if device is not None else jax.default_backend()
-
-
 def _mesh_axes_for(name: str | None, rules) -> tuple[str, ...]:
     if name is None:
         return ()

@@ -7,6 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxpost import sharding as sh
+from jaxpost.platform import platform
 from jaxpost.models import Transformer, init_params, tiny
 
 
@@ -50,16 +51,16 @@ def _equations(jaxpr):
 
 
 def test_platform_follows_the_mesh_not_the_default_backend():
-    """`platform()` decides the per-platform choices: the mesh's devices, the mesh being
-    traced under, else the default backend. Under an abstract TPU mesh on this CPU the
-    model scans its 3 layers (a scan unrolled once) and its head's backward is XLA's own;
-    under a CPU mesh the layers' scan is fully unrolled and the head's backward is the
-    custom product (its optimization barrier)."""
+    """`jaxpost.platform.platform()` decides the per-platform choices: the mesh's
+    devices, the mesh being traced under, else the default backend. Under an abstract
+    TPU mesh on this CPU the model scans its 3 layers (a scan unrolled once) and its
+    head's backward is XLA's own; under a CPU mesh the layers' scan is fully unrolled and
+    the head's backward is the custom product (its optimization barrier)."""
     from flax import linen as nn
     from jax.sharding import AbstractDevice, AbstractMesh
     mesh = sh.make_mesh(devices=jax.devices()[:1])
-    assert sh.platform(mesh) == "cpu"
-    assert sh.platform() == jax.default_backend()
+    assert platform(mesh) == "cpu"
+    assert platform() == jax.default_backend()
     tpu = AbstractMesh((1, 1, 1), sh.MESH_AXES,
                        abstract_device=AbstractDevice("TPU v5 lite", None, "tpu"))
     cfg = tiny("llama", vocab_size=64, hidden_size=32, num_layers=3)
@@ -73,7 +74,7 @@ def test_platform_follows_the_mesh_not_the_default_backend():
     for name, context in (("tpu", lambda: jax.sharding.use_abstract_mesh(tpu)),
                           ("cpu", lambda: sh.logical_rules(mesh))):
         with context(), nn.logical_axis_rules(sh.DEFAULT_RULES):
-            assert sh.platform() == name and cfg.scans_layers() == (name != "cpu")
+            assert platform() == name and cfg.scans_layers() == (name != "cpu")
             eqns = list(_equations(jax.make_jaxpr(jax.grad(loss))(params).jaxpr))
         seen[name] = ({e.params["unroll"] for e in eqns
                        if e.primitive.name == "scan" and e.params["length"] == 3},

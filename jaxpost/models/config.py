@@ -106,10 +106,10 @@ class ModelConfig:
 
     def scans_layers(self, platform: str | None = None) -> bool:
         """Whether the layers run under `lax.scan`: `scan_layers`, or when it is None,
-        everywhere but on CPU (`platform`, default: `jaxpost.sharding.platform()`)."""
+        everywhere but on CPU (`platform`, default: `jaxpost.platform.platform()`)."""
         if self.scan_layers is not None:
             return bool(self.scan_layers)
-        from jaxpost.sharding import platform as current  # the config module stays JAX-free
+        from jaxpost.platform import platform as current  # the config module stays JAX-free
         return (platform or current()) != "cpu"
 
     @classmethod

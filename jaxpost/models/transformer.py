@@ -29,7 +29,7 @@ from jaxpost.models.attention import (
     Attention, KVCache, check_layer_layout, make_attention_mask, make_cache_mask, rope_tables)
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.layers import MLP, Linear, RMSNorm, constrain, dtype_of
-from jaxpost.sharding import platform
+from jaxpost.platform import platform
 
 _ACT = ("activation_batch", "activation_length", "activation_embed")
 
