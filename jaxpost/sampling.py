@@ -49,11 +49,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxpost import sharding as shd
-from jaxpost.platform import platform
 from jaxpost.models.attention import KVCache
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.layers import constrain, kernel_out_in
 from jaxpost.models.transformer import Transformer, unstack_layer_params
+from jaxpost.platform import platform
 
 _CDF_BLOCK = 128  # vocabulary block of the two-level inverse-CDF draw
 

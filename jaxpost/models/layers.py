@@ -95,9 +95,9 @@ class Linear(nn.Module):
     """`x @ kernel (+ bias)` with kernel [in, out]; HF stores the transpose as `weight`.
 
     The kernel may instead be given as its transpose, a `kernel_t` [out, in] leaf in
-    place of `kernel` (`kernel_out_in`): the sampler's per-call copy of the output head on
-    CPU, where XLA:CPU streams a [16, 512] x [512, 16384] decode product's weights at half
-    the rate of the same product on the transposed layout.
+    place of `kernel` (`kernel_out_in`): the sampler's per-call copy of every kernel on
+    CPU, where XLA:CPU streams a [16, 512] x [512, 16384] decode product's weights from
+    [in, out] at half the rate of the same product from [out, in].
 
     LoRA: when this module's params also hold `lora_a` [in, r] and `lora_b` [r, out]
     (leaves added next to the kernel by `jaxpost.peft.lora`; `init` never creates them),
