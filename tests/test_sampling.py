@@ -199,6 +199,33 @@ def test_the_per_layer_copy_holds_every_kernel_transposed(params):
     assert sampling._Runner(CFG, params, False).params is params
 
 
+def _sampler_temp_bytes(cfg, unstack: bool) -> int:
+    """The compiled sampler's temporaries (bytes), batch 4, 8-token prompts, 8 new tokens."""
+    static = sampling._static_args(cfg, SamplingConfig(max_new_tokens=8, temperature=1.0))
+    fn = functools.partial(sampling._generate, cfg, static=static, num_samples=1,
+                           unstack=unstack, mesh=None, rules=sampling.shd.DEFAULT_RULES)
+    compiled = jax.jit(fn).lower(
+        param_shapes(cfg), jax.ShapeDtypeStruct((4, 8), jnp.int32),
+        jax.ShapeDtypeStruct((4,), jnp.int32), jax.eval_shape(lambda: jax.random.key(0)),
+        jnp.float32(1.0), jnp.float32(1.0)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_the_transposed_kernels_cost_at_most_one_copy_of_the_kernels(monkeypatch):
+    # The per-layer copy's `kernel_t` leaves are read by the prefill and by the decode
+    # loop; XLA once gave each its own transposing copy (temporaries ~1.4x the kernels
+    # above the plain per-layer slices). Against the same program on plain slices, the
+    # transposed kernels may add at most one copy of every kernel, the head's included.
+    cfg = tiny("llama", vocab_size=4096, hidden_size=256, intermediate_size=768, head_dim=64)
+    kernel_bytes = sum(x.size * x.dtype.itemsize for path, x in
+                       jax.tree_util.tree_leaves_with_path(param_shapes(cfg))
+                       if jax.tree_util.keystr(path).endswith("['kernel']"))
+    transposed = _sampler_temp_bytes(cfg, True)
+    monkeypatch.setattr(sampling, "_kernels_out_in", lambda params, dtype: params)
+    plain = _sampler_temp_bytes(cfg, True)
+    assert plain < transposed <= plain + kernel_bytes, (plain, transposed, kernel_bytes)
+
+
 @pytest.mark.parametrize("unstack", [True, False], ids=["unstacked", "stacked"])
 def test_a_sampler_call_copies_the_layer_weights_at_most_once(params, monkeypatch, unstack):
     # With unstack_layers, the stacked weights are sliced into per-layer arrays once per

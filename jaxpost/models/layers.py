@@ -82,12 +82,20 @@ def kernel_out_in(module_params: dict, dtype: str | jnp.dtype | None = None) -> 
     """A `Linear`'s params with `kernel` [in, out] replaced by `kernel_t` [out, in], a
     materialised transpose (cast to `dtype` if given): the same outputs, another layout
     for the matmul. Inside `jit` the optimization barrier keeps XLA from folding the
-    transpose back into the product; make it once per call, outside any decode loop."""
+    transpose back into the product; make it once per call, outside any decode loop.
+
+    The barrier holds the transpose flattened: a 1-D array has one memory layout, so XLA's
+    layout assignment cannot turn the transpose into a bitcast of the [in, out] slice and
+    then give each reader (the prefill, the decode loop) its own transposing copy; with
+    the barrier on the 2-D transpose it did, and the sampler's temporaries held ~1.4
+    copies of the kernels beyond the plain per-layer slices instead of at most one."""
     out = dict(module_params)
     kernel = out.pop("kernel")
     if dtype is not None:
         kernel = kernel.astype(dtype)
-    out["kernel_t"] = jax.lax.optimization_barrier(jnp.transpose(kernel))
+    kernel_t = jnp.transpose(kernel)
+    flat = jax.lax.optimization_barrier(kernel_t.reshape(-1))
+    out["kernel_t"] = flat.reshape(kernel_t.shape)
     return out
 
 
