@@ -32,3 +32,26 @@ def pytest_configure(config):
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+#: Files that run for minutes as one unit (the SFT demo's training, the notebooks, the
+#: two-process runs), longest first (`--durations` on a 2-core CPU, 2026-12-07): a
+#: scheduling hint only; a stale entry costs nothing but balance.
+LONGEST_FILES = ("tests/test_demos.py", "tests/test_notebooks.py", "tests/test_multihost.py",
+                 "tests/test_reliability.py", "tests/train/test_grpo.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest files first, then the other files with slow tests, the quick files
+    last: with `--dist loadfile` each file goes to one worker whole, and a long file
+    collected late (the SFT demo's ~6 min) left one worker running alone at the end while
+    the other idled; quick files now fill the gaps as the workers finish. Within a file
+    the order is kept."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+
+    def rank(item):
+        name = os.path.relpath(item.path, config.rootpath).replace(os.sep, "/")
+        if name in LONGEST_FILES:
+            return LONGEST_FILES.index(name)
+        return len(LONGEST_FILES) + (item.path not in slow_files)
+    items.sort(key=rank)
