@@ -1,11 +1,15 @@
 """The arithmetic and the table of `python -m benchmarks.run`: pooled medians per (workload,
 peer), tokens/s, jaxpost's ratio to each peer, W-SFT's MFU against the matmul peak of the
-same run, peak host memory, and the markdown rendering (pure functions of the job list)."""
+same run (and against the device's spec sheet where it is known), the sampling rate in GB/s
+against the run's memory bandwidth, peak host memory, and the markdown rendering (pure
+functions of the job list)."""
 
 from __future__ import annotations
 
 import statistics
 from typing import Any
+
+from benchmarks.workloads import nominal_tflops
 
 WORKLOADS = ("W-SFT", "W-GEN", "W-GRPO")
 LABELS = {"jaxpost": "jaxpost", "jax": "plain JAX", "tunix": "Tunix", "torch": "torch + HF",
@@ -17,17 +21,24 @@ REFERENCE_PEER = "jaxpost"
 
 def matmul_peak(jobs: list[dict]) -> dict | None:
     """The largest median GFLOP/s over every matmul record of the run (all frameworks,
-    sizes and rounds), with where it came from and the best per framework."""
+    sizes and rounds), with where it came from and the best per framework; and the largest
+    median memory bandwidth (GB/s) of the copy records, where the run has them."""
     recs = [r for j in jobs if j["status"] == "ok" and j["workload"] == "peak"
             for r in j["records"]]
-    if not recs:
+    mm = [r for r in recs if "gflops_median" in r]
+    if not mm:
         return None
-    best = max(recs, key=lambda r: r["gflops_median"])
+    best = max(mm, key=lambda r: r["gflops_median"])
     per_fw: dict[str, float] = {}
-    for r in recs:
+    for r in mm:
         per_fw[r["framework"]] = max(per_fw.get(r["framework"], 0.0), r["gflops_median"])
-    return {"gflops": best["gflops_median"], "framework": best["framework"], "n": best["n"],
-            "per_framework_gflops": per_fw}
+    out = {"gflops": best["gflops_median"], "framework": best["framework"], "n": best["n"],
+           "dtype": best.get("dtype", "float32"), "per_framework_gflops": per_fw}
+    copies = [r for r in recs if "gbps_median" in r]
+    if copies:
+        bw = max(copies, key=lambda r: r["gbps_median"])
+        out.update(gbps=bw["gbps_median"], gbps_framework=bw["framework"])
+    return out
 
 
 def mfu(flops_per_step: float, seconds_per_step: float, peak_gflops: float) -> float:
@@ -75,10 +86,24 @@ def summarize(jobs: list[dict], peak: dict | None = None) -> dict[str, dict[str,
                 s["achieved_gflops"] = flops / med / 1e9
                 if peak:
                     s["mfu"] = mfu(flops, med, peak["gflops"])
+                spec_tflops = nominal_tflops(recs[0].get("device_kind", ""),
+                                             recs[0].get("dtype", "float32"))
+                if spec_tflops:
+                    s["mfu_spec"] = mfu(flops, med, spec_tflops * 1e3)
+            # Sampling against memory bandwidth: the bytes a call must read (weights once
+            # a step, the KV cache so far) per second of the median call / rollout.
+            if recs[0].get("decode_bytes"):
+                s["gbps"] = recs[0]["decode_bytes"] / med / 1e9
+            if peak and peak.get("gbps") and s.get("gbps"):
+                s["bandwidth_fraction"] = s["gbps"] / peak["gbps"]
             for k in SPLIT:
                 vals = [r[f"{k}_median"] for r in recs if r.get(f"{k}_median") is not None]
                 if vals:
                     s[f"{k}_s"] = statistics.median(vals)
+            if recs[0].get("rollout_bytes") and s.get("rollout_s"):
+                s["rollout_gbps"] = recs[0]["rollout_bytes"] / s["rollout_s"] / 1e9
+                if peak and peak.get("gbps"):
+                    s["rollout_bandwidth_fraction"] = s["rollout_gbps"] / peak["gbps"]
             summary.setdefault(workload, {})[peer] = s
     for workload, peers in summary.items():
         ref = peers.get(REFERENCE_PEER)
@@ -110,37 +135,56 @@ def _row_order(row: str, peers: list[str]) -> tuple[int, str]:
     return (peers.index(peer) if peer in peers else 99, "" if row == peer else row)
 
 
+def _gbps(s: dict, rate: str, frac: str) -> str:
+    """A sampling rate in GB/s with its fraction of the run's bandwidth in brackets."""
+    if s.get(rate) is None:
+        return "—"
+    return _f(s[rate], ".1f") + (f" ({s[frac]:.2f})" if s.get(frac) is not None else "")
+
+
 def render(result: dict) -> str:
     """The markdown table of a run (`benchmarks.run` result dict)."""
     m, summary, peak = result["machine"], result["summary"], result.get("peak")
+    opts = result["options"]
     lines = [f"# Benchmarks {result['started_utc']}", "",
-             f"Machine: {m['cpu_model']}, {m['cores']} cores; load average before "
-             f"{m['loadavg_before']}, after {m['loadavg_after']}.  ",
+             f"Machine: {m['cpu_model']}, {m['cores']} cores"
+             + (f"; device {m['device']}" if m.get("device") else "")
+             + f"; load average before {m['loadavg_before']}, after {m['loadavg_after']}.  ",
              f"Command: `{result['command']}`  ",
-             f"jaxpost commit {result['git']}; rounds {result['options']['rounds']}"
-             + ("; **--quick: a smoke test, not a measurement**" if result['options']['quick']
-                else ""), ""]
-    order = list(result["options"]["peers"])
+             f"Model {opts.get('model', 'tiny-llama')}, {opts.get('dtype', 'float32')}; "
+             f"jaxpost commit {result['git']}; rounds {opts['rounds']}"
+             + ("; **--quick: a smoke test, not a measurement**" if opts['quick'] else ""), ""]
+    order = list(opts["peers"])
     for workload in WORKLOADS:
         peers = summary.get(workload)
         if not peers:
             continue
-        grpo = workload == "W-GRPO"
+        grpo, sft = workload == "W-GRPO", workload == "W-SFT"
+        spec_mfu = sft and any(p.get("mfu_spec") is not None for p in peers.values())
+        rate = ("rollout_gbps" if grpo else "gbps") if any(
+            p.get("rollout_gbps" if grpo else "gbps") is not None
+            for p in peers.values()) else None
         tokens = next(iter(peers.values())).get("tokens_per_iter")
         if grpo:
             lines += [f"## {workload} (s/step, lower is better; {tokens} completion tokens "
                       "per step; ratio = jaxpost's time ÷ the peer's)", "",
                       "| peer | s/step median | min–max | tokens/s | jaxpost ÷ peer (time) "
-                      "| rollout s | reward s | reference s | update s | peak RSS MiB | n | round medians |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                      "| rollout s | reward s | reference s | update s |"
+                      + (" rollout GB/s (of bandwidth) |" if rate else "")
+                      + " peak RSS MiB | n | round medians |",
+                      "|---|---|---|---|---|---|---|---|---|" + ("---|" if rate else "")
+                      + "---|---|---|"]
         else:
-            unit = "s/step" if workload == "W-SFT" else "s/call"
+            unit = "s/step" if sft else "s/call"
             lines += [f"## {workload} (tokens/s, higher is better; {tokens} tokens per "
                       f"{unit[2:]}; ratio = jaxpost's tokens/s ÷ the peer's)", "",
                       f"| peer | {unit} median | min–max | tokens/s | jaxpost ÷ peer "
-                      f"(tokens/s) |{' MFU |' if workload == 'W-SFT' else ''} "
+                      f"(tokens/s) |{' MFU |' if sft else ''}"
+                      f"{' MFU (spec) |' if spec_mfu else ''}"
+                      f"{' GB/s (of bandwidth) |' if rate else ''} "
                       "peak RSS MiB | n | round medians |",
-                      "|---|---|---|---|---|" + ("---|" if workload == "W-SFT" else "")
+                      "|---|---|---|---|---|" + ("---|" if sft else "")
+                      + ("---|" if spec_mfu else "") + ("---|" if rate else "")
                       + "---|---|---|"]
         for peer in sorted(peers, key=lambda p: _row_order(p, order)):
             s = peers[peer]
@@ -150,17 +194,34 @@ def render(result: dict) -> str:
             if grpo:
                 row += [_f(s.get(f"{k}_s")) for k in ("rollout", "reward", "reference",
                                                         "update")]
-            elif workload == "W-SFT":
-                row.append(_f(s.get("mfu"), ".2f"))
+                if rate:
+                    row.append(_gbps(s, "rollout_gbps", "rollout_bandwidth_fraction"))
+            else:
+                if sft:
+                    row.append(_f(s.get("mfu"), ".2f"))
+                if spec_mfu:
+                    row.append(_f(s.get("mfu_spec"), ".2f"))
+                if rate:
+                    row.append(_gbps(s, "gbps", "bandwidth_fraction"))
             row += [_f(s.get("peak_rss_mib"), ".0f"), str(s["n"]),
                     " / ".join(_f(x) for x in s["round_medians_s"])]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     if peak:
         fw = ", ".join(f"{k} {v:.0f}" for k, v in sorted(peak["per_framework_gflops"].items()))
-        lines += [f"Float32 matmul peak of this run: **{peak['gflops']:.0f} GFLOP/s** "
+        lines += [f"{'Float32' if peak['dtype'] == 'float32' else peak['dtype']} matmul peak "
+                  "of this run: "
+                  f"**{peak['gflops']:.0f} GFLOP/s** "
                   f"({peak['framework']}, n={peak['n']}; best per framework: {fw}); "
-                  "MFU = W-SFT's model FLOPs per second ÷ this.", ""]
+                  "MFU = W-SFT's model FLOPs per second ÷ this"
+                  + ("; MFU (spec) ÷ the device's spec-sheet dense peak" if any(
+                      p.get("mfu_spec") for p in summary.get("W-SFT", {}).values()) else "")
+                  + "."
+                  + (f" Memory bandwidth of this run (y = 2x, read + write): "
+                     f"**{peak['gbps']:.1f} GB/s** ({peak['gbps_framework']}); sampling "
+                     "GB/s = the bytes a call must read (every matmul weight once a step in "
+                     "the compute dtype, the KV cache so far) ÷ its time, its fraction of "
+                     "this in brackets." if peak.get("gbps") else ""), ""]
     lines += ["Medians and min–max over every timed iteration of every round (round "
               "medians: each round's own, in round order); tokens/s at "
               "the median; the W-GRPO split is the median over rounds of each round's "

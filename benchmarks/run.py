@@ -2,12 +2,14 @@
 
     python -m benchmarks.run [--peers jaxpost,jax,tunix,torch,trl] [--workloads sft,gen,grpo,...]
                              [--rounds 2] [--quick] [--out DIR] [--tunix-python PATH]
-                             [--xla-flags "..."]
+                             [--xla-flags "..."] [--model tiny-llama] [--dtype float32]
 
 Every (peer, workload) runs in its own subprocess (`benchmarks.peers.worker`), one at a
 time, so that its peak RSS is that workload's alone; round r runs every peer once, the
 peer order rotated by r, so drift on a shared machine hits all peers alike; each round
-starts with the float32 matmul peak that W-SFT's MFU divides by. A peer that does not
+starts with the matmul peak that W-SFT's MFU divides by (and the memory bandwidth the
+sampling rates are compared with). `--model llama3.2-1b --dtype bfloat16` is the
+accelerator run (the 1B model, workloads scaled up; jaxpost, plain JAX, torch). A peer that does not
 import is reported as not installed; a workload that fails is reported and the run goes
 on (the command then exits 1). Prints the table and writes DIR/results.json and
 DIR/table.md.
@@ -28,6 +30,7 @@ import threading
 import time
 
 from benchmarks import report
+from benchmarks import workloads as W
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = ("sft", "gen", "grpo", "grpo-beta0", "grpo-lora")  # jaxpost runs them all
@@ -36,6 +39,9 @@ PEER_WORKLOADS = {"jaxpost": WORKLOADS, "jax": ("sft", "gen"),
                   "tunix": ("sft", "gen", "grpo"), "torch": ("sft", "gen", "grpo"),
                   "trl": ("sft", "grpo")}
 JAX_PEERS = ("jaxpost", "jax", "tunix", "matmul")  # get --xla-flags
+#: Peers that run other models and dtypes than tiny-llama in float32 (Tunix's and TRL's
+#: workers are written for the CPU comparison of ../shared/BENCHMARKS.md only).
+SCALABLE_PEERS = ("jaxpost", "jax", "torch")
 DEFAULT_TUNIX_PYTHON = os.path.join(ROOT, ".bench", "venv-tunix", "bin", "python")
 
 
@@ -64,8 +70,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds before a worker is killed and reported as failed")
     p.add_argument("--no-peak", action="store_true", help="skip the matmul peak (no MFU)")
+    p.add_argument("--model", default="tiny-llama", choices=list(W.MODELS),
+                   help="tiny-llama (the CPU workloads) or llama3.2-1b (the accelerator "
+                   "run: the workloads scaled up; jaxpost, plain JAX and torch only)")
+    p.add_argument("--dtype", default="float32", choices=list(W.DTYPES),
+                   help="compute dtype (bfloat16: float32 master weights, bfloat16 matmuls)")
     args = p.parse_args(argv)
+    default_peers = args.peers == p.get_default("peers")
     args.peers = [x for x in args.peers.split(",") if x]
+    if (args.model, args.dtype) != ("tiny-llama", "float32"):
+        unscaled = [x for x in args.peers if x in PEER_WORKLOADS and x not in SCALABLE_PEERS]
+        if unscaled and not default_peers:
+            p.error(f"--peers: {', '.join(unscaled)} run tiny-llama in float32 only; "
+                    f"with --model {args.model} --dtype {args.dtype} choose from "
+                    f"{', '.join(SCALABLE_PEERS)}")
+        args.peers = [x for x in args.peers if x not in unscaled]
     if args.workloads is None:
         args.workloads = ",".join(QUICK_WORKLOADS if args.quick else WORKLOADS)
     args.workloads = [x for x in args.workloads.split(",") if x]
@@ -89,9 +108,24 @@ def machine() -> dict:
                         if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"cpu_model": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(),
-            "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
+    out = {"cpu_model": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+           "python": platform.python_version(),
+           "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
+    gpu = _gpu_names()
+    if gpu:
+        out["device"] = gpu
+    return out
+
+
+def _gpu_names() -> str:
+    """The NVIDIA GPUs nvidia-smi lists ("" where there is none or no nvidia-smi)."""
+    try:
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                               text=True, capture_output=True, timeout=30).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    names = [x.strip() for x in names if x.strip()]
+    return f"{len(names)} x {names[0]}" if names else ""
 
 
 def git_commit() -> str:
@@ -120,12 +154,10 @@ def schedule(peers: list[str], workloads: list[str], rounds: int,
 
 
 def run_worker(python: str, peer: str, workload: str, out_json: str, log_path: str, *,
-               quick: bool, env: dict, timeout: float) -> dict:
+               spec: W.Spec, env: dict, timeout: float) -> dict:
     """One worker process; returns its status, records, exit code, wall time and peak RSS
     (the child's ru_maxrss from wait4)."""
-    cmd = [python, "-m", "benchmarks.peers.worker", peer, workload, out_json]
-    if quick:
-        cmd.append("--quick")
+    cmd = [python, "-m", "benchmarks.peers.worker", peer, workload, out_json] + spec.argv()
     if os.path.exists(out_json):
         os.remove(out_json)
     t0 = time.perf_counter()
@@ -201,12 +233,13 @@ def main(argv: list[str] | None = None) -> int:
               "options": {"peers": args.peers, "workloads": args.workloads,
                           "rounds": args.rounds, "quick": args.quick,
                           "xla_flags": args.xla_flags, "tunix_python": args.tunix_python,
-                          "python": args.python},
+                          "python": args.python, "model": args.model, "dtype": args.dtype},
               "machine": machine(), "git": git_commit(), "jobs": [],
               "peers": {p: {"status": "pending"} for p in args.peers}}
     base_env = dict(os.environ)
     base_env["PYTHONPATH"] = os.pathsep.join(
         [ROOT] + [x for x in base_env.get("PYTHONPATH", "").split(os.pathsep) if x])
+    spec = W.Spec(model=args.model, dtype=args.dtype, quick=args.quick)
     t_start = time.perf_counter()
     for rnd, peer, workload in schedule(args.peers, args.workloads, args.rounds,
                                         peak=not args.no_peak):
@@ -229,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                                if peer == "tunix" else "")}
         else:
             job = run_worker(python, peer, workload, os.path.join(out_dir, "raw", name + ".json"),
-                             os.path.join(out_dir, "logs", name + ".log"), quick=args.quick,
+                             os.path.join(out_dir, "logs", name + ".log"), spec=spec,
                              env=env, timeout=args.timeout)
         job.update(round=rnd, peer=peer, workload=workload, loadavg_before=load)
         result["jobs"].append(job)

@@ -48,19 +48,26 @@ _FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim", "
            "intermediate_size")
 
 
-def model_config(quick: bool):
-    """tiny-llama as jaxpost's preset (quick: its dims shrunk)."""
-    dims = W.model(quick)
-    return preset("tiny-llama", **{k: dims[k] for k in _FIELDS})
+def model_config(spec: W.Spec):
+    """The spec's model as jaxpost's preset of that name, computing in the spec's dtype
+    with float32 master weights (quick: its dims shrunk)."""
+    dims = W.model(spec)
+    return preset(spec.model, dtype=spec.dtype, **{k: dims[k] for k in _FIELDS})
+
+
+def _device() -> dict:
+    """The device kind the workload ran on (the report looks up its spec-sheet peak)."""
+    kind = jax.devices()[0].device_kind
+    return {"device_kind": kind}
 
 
 def _mesh():
     return sh.make_mesh(sh.MeshConfig(), devices=jax.devices()[:1])
 
 
-def w_sft(quick: bool) -> list[dict]:
+def w_sft(spec: W.Spec) -> list[dict]:
     from jaxpost.train.sft import make_sft_loss
-    s, cfg, dims = W.sft(quick), model_config(quick), W.model(quick)
+    s, cfg, dims = W.sft(spec), model_config(spec), W.model(spec)
     B, T = s["batch"], s["seq"]
     rng = np.random.default_rng(1)
     batch = {"tokens": rng.integers(0, cfg.vocab_size, (B, T)).astype(np.int32),
@@ -96,11 +103,12 @@ def w_sft(quick: bool) -> list[dict]:
                      extra={"flops_per_step": fl,
                             "achieved_gflops": fl / statistics.median(ts) / 1e9,
                             "first_step_incl_compile_s": compile_s, "loss_first": losses[0],
-                            "loss_last": losses[-1]}, versions=VERSIONS)]
+                            "loss_last": losses[-1], "dtype": spec.dtype, **_device()},
+                     versions=VERSIONS)]
 
 
-def w_gen(quick: bool) -> list[dict]:
-    g, cfg = W.gen(quick), model_config(quick)
+def w_gen(spec: W.Spec) -> list[dict]:
+    g, cfg = W.gen(spec), model_config(spec)
     B, P, N = g["batch"], g["prompt_len"], g["new_tokens"]
     params = init_params(cfg, jax.random.key(0))
     sampler = Sampler(cfg)
@@ -121,7 +129,9 @@ def w_gen(quick: bool) -> list[dict]:
     if int(np.min(np.asarray(out.lengths))) != N:
         raise RuntimeError(f"W-GEN: a sequence stopped before {N} tokens")
     return [W.record(PEER, "W-GEN", ts, tokens_per_iter=B * N,
-                     extra={"first_call_incl_compile_s": compile_s}, versions=VERSIONS)]
+                     extra={"first_call_incl_compile_s": compile_s, "dtype": spec.dtype,
+                            "decode_bytes": W.decode_bytes(W.model(spec), B, P, N),
+                            **_device()}, versions=VERSIONS)]
 
 
 class IdTokenizer(Tokenizer):
@@ -158,18 +168,18 @@ class IdTokenizer(Tokenizer):
 GRPO_VARIANTS = {"": {}, "beta0": {"beta": 0.0}, "lora": {"lora_rank": 8}}
 
 
-def grpo_config(quick: bool, workdir: str, prompt_file: str, steps: int, variant: str = ""):
+def grpo_config(spec: W.Spec, workdir: str, prompt_file: str, steps: int, variant: str = ""):
     """The `GRPOConfig` of W-GRPO: the workload's knobs, prompts from `prompt_file`;
     `variant` one of `GRPO_VARIANTS`."""
     from jaxpost.peft.lora import LoraConfig
     from jaxpost.train.common import ModelSection
     from jaxpost.train.grpo import GRPOConfig, GRPOSection, PromptSection
-    g = {**W.grpo(quick), **GRPO_VARIANTS[variant]}
+    g = {**W.grpo(spec), **GRPO_VARIANTS[variant]}
     rank = g.get("lora_rank", 0)
     return GRPOConfig(
         lora=LoraConfig(rank=rank, alpha=2.0 * rank),
         workdir=workdir, seed=0, steps=steps, log_every=1, checkpoint_every=0,
-        model=ModelSection(preset="tiny-llama"),
+        model=ModelSection(preset=spec.model, dtype=spec.dtype),
         prompts=PromptSection(source=prompt_file, chat=False),
         grpo=GRPOSection(num_generations=g["group_size"], prompts_per_step=g["num_prompts"],
                          max_prompt_length=g["prompt_len"],
@@ -188,17 +198,17 @@ def _write_prompts(path: str, n: int, length: int, vocab: int) -> None:
             f.write(json.dumps({"prompt": " ".join(map(str, row))}) + "\n")
 
 
-def w_grpo(quick: bool, variant: str = "") -> list[dict]:
+def w_grpo(spec: W.Spec, variant: str = "") -> list[dict]:
     from jaxpost.train.common import model_init, plan_params, reference_params
     from jaxpost.train.grpo import GRPOTask
-    g = W.grpo(quick)
+    g = W.grpo(spec)
     total = g["warmup"] + g["steps"]
-    model_cfg = model_config(quick)
+    model_cfg = model_config(spec)
     with tempfile.TemporaryDirectory(prefix="bench_grpo_") as tmp:
         prompt_file = os.path.join(tmp, "prompts.jsonl")
         _write_prompts(prompt_file, g["num_prompts"] * (total + 1), g["prompt_len"],
                        model_cfg.vocab_size)
-        cfg = grpo_config(quick, tmp, prompt_file, total, variant)
+        cfg = grpo_config(spec, tmp, prompt_file, total, variant)
         mesh = _mesh()
         tokenizer = IdTokenizer(model_cfg.vocab_size)
         # As jaxpost.train.grpo.train: the params plan, the reference, the task.
@@ -259,6 +269,10 @@ def w_grpo(quick: bool, variant: str = "") -> list[dict]:
                      extra={**{f"{k}_median": statistics.median(v) for k, v in phases.items()},
                             "first_step_incl_compile_s": first_step_s,
                             "reward_mean_last": rewards[-1] if rewards else None,
+                            "dtype": spec.dtype, **_device(),
+                            "rollout_bytes": W.decode_bytes(
+                                W.model(spec), g["num_prompts"] * g["group_size"],
+                                g["prompt_len"], g["new_tokens"]),
                             "reference": ("none" if cfg.grpo.beta == 0 else
                                           "the base, adapters off" if cfg.lora.rank else
                                           "a copy of the starting params"),

@@ -76,14 +76,14 @@ def even_fraction_ids(prompts, completions, completion_ids, **kw):
     return [sum(1 for t in ids if t % 2 == 0) / max(1, len(ids)) for ids in completion_ids]
 
 
-def w_grpo(quick: bool) -> list[dict]:
+def w_grpo(spec: W.Spec) -> list[dict]:
     from trl import GRPOConfig, GRPOTrainer
-    g, c = W.grpo(quick), W.model(quick)
+    g, c = W.grpo(spec), W.model(spec)
     NP, G, P, N = g["num_prompts"], g["group_size"], g["prompt_len"], g["new_tokens"]
     warm, steps = g["warmup"], g["steps"]
     out = tempfile.mkdtemp(prefix="bench_trl_")
     tok = make_tokenizer(c["vocab_size"])
-    model = make_model(quick)
+    model = make_model(spec)
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = 2
     mdir = os.path.join(out, "tiny-llama-random")
@@ -131,9 +131,9 @@ def w_grpo(quick: bool) -> list[dict]:
                      versions=VERSIONS)]
 
 
-def w_sft(quick: bool) -> list[dict]:
+def w_sft(spec: W.Spec) -> list[dict]:
     from trl import SFTConfig, SFTTrainer
-    s, c = W.sft(quick), W.model(quick)
+    s, c = W.sft(spec), W.model(spec)
     B, T = s["batch"], s["seq"]
     warm, steps = s["warmup"], s["steps"]
     out = tempfile.mkdtemp(prefix="bench_trl_")
@@ -145,7 +145,7 @@ def w_sft(quick: bool) -> list[dict]:
                     completion_only_loss=False, logging_steps=1, save_strategy="no",
                     report_to=[], bf16=False, fp16=False, use_cpu=True, seed=0,
                     dataloader_num_workers=0, disable_tqdm=True, gradient_checkpointing=GC)
-    trainer = SFTTrainer(model=make_model(quick), args=cfg,
+    trainer = SFTTrainer(model=make_model(spec), args=cfg,
                          train_dataset=Dataset.from_dict({"input_ids": rows}),
                          processing_class=make_tokenizer(c["vocab_size"]))
     timer = StepTimer()

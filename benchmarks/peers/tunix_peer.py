@@ -43,8 +43,8 @@ def model_config(c: dict):
         norm_eps=c["rms_norm_eps"], weight_tying=c["tie_embeddings"])
 
 
-def make_model(quick: bool, seed: int = 0):
-    return llama3_lib.Llama3(model_config(W.model(quick)), rngs=nnx.Rngs(seed))
+def make_model(spec: W.Spec, seed: int = 0):
+    return llama3_lib.Llama3(model_config(W.model(spec)), rngs=nnx.Rngs(seed))
 
 
 class IdTokenizer:
@@ -79,12 +79,12 @@ class TimedIter:
             yield it
 
 
-def w_sft(quick: bool) -> list[dict]:
+def w_sft(spec: W.Spec) -> list[dict]:
     from tunix.sft import peft_trainer, utils as sft_utils
-    s, c = W.sft(quick), W.model(quick)
+    s, c = W.sft(spec), W.model(spec)
     B, T, warm, steps = s["batch"], s["seq"], s["warmup"], s["steps"]
     trainer = peft_trainer.PeftTrainer(
-        make_model(quick), optax.adamw(s["lr"], weight_decay=0.01),
+        make_model(spec), optax.adamw(s["lr"], weight_decay=0.01),
         peft_trainer.TrainingConfig(eval_every_n_steps=10_000, max_steps=warm + steps))
 
     def gen_model_input_fn(x):
@@ -114,12 +114,12 @@ def prompts_text(n: int, P: int, vocab: int, seed: int) -> list[str]:
     return [" ".join(map(str, r)) for r in ids]
 
 
-def w_gen(quick: bool) -> list[dict]:
+def w_gen(spec: W.Spec) -> list[dict]:
     from tunix.generate import sampler as sampler_lib
-    g, c = W.gen(quick), W.model(quick)
+    g, c = W.gen(spec), W.model(spec)
     B, P, N = g["batch"], g["prompt_len"], g["new_tokens"]
     sampler = sampler_lib.Sampler(
-        make_model(quick), IdTokenizer(),
+        make_model(spec), IdTokenizer(),
         sampler_lib.CacheConfig(cache_size=P + N, num_layers=c["num_layers"],
                                 num_kv_heads=c["num_kv_heads"], head_dim=c["head_dim"]))
     prompts = prompts_text(B, P, c["vocab_size"], 2)
@@ -145,11 +145,11 @@ def w_gen(quick: bool) -> list[dict]:
                      versions=VERSIONS)]
 
 
-def w_grpo(quick: bool) -> list[dict]:
+def w_grpo(spec: W.Spec) -> list[dict]:
     from tunix.rl import rl_cluster as rl_cluster_lib
     from tunix.rl.grpo import grpo_learner
     from tunix.rl.rollout import base_rollout
-    g, c = W.grpo(quick), W.model(quick)
+    g, c = W.grpo(spec), W.model(spec)
     NP, G, P, N = g["num_prompts"], g["group_size"], g["prompt_len"], g["new_tokens"]
     warm, steps = g["warmup"], g["steps"]
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("fsdp", "tp"))
@@ -165,7 +165,7 @@ def w_grpo(quick: bool) -> list[dict]:
         rollout_config=base_rollout.RolloutConfig(
             max_tokens_to_generate=N, max_prompt_length=P, kv_cache_size=P + N + 8,
             temperature=g["temperature"], top_p=1.0, top_k=None))
-    cluster = rl_cluster_lib.RLCluster(actor=make_model(quick), reference=make_model(quick),
+    cluster = rl_cluster_lib.RLCluster(actor=make_model(spec), reference=make_model(spec),
                                        tokenizer=IdTokenizer(), cluster_config=cluster_config)
     learner = grpo_learner.GRPOLearner(
         rl_cluster=cluster, reward_fns=W.even_fraction,

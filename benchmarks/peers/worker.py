@@ -1,6 +1,6 @@
 """Runs one workload of one peer in this process and writes its records as JSON.
 
-    python -m benchmarks.peers.worker PEER WORKLOAD OUT.json [--quick]
+    python -m benchmarks.peers.worker PEER WORKLOAD OUT.json [--model M] [--dtype D] [--quick]
 
 OUT.json gets `{"status": "ok", "records": [...], "versions": {...}}`; a peer whose module
 fails to import gets `status "not_installed"` with the import error (exit 3), a workload
@@ -30,8 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("peer", choices=PEERS)
     p.add_argument("workload")
     p.add_argument("out")
+    p.add_argument("--model", default="tiny-llama")
+    p.add_argument("--dtype", default="float32")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
+    from benchmarks.workloads import Spec
+    spec = Spec(model=args.model, dtype=args.dtype, quick=args.quick)
     try:
         module = importlib.import_module(f"benchmarks.peers.{args.peer}_peer")
     except ImportError as e:
@@ -43,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{args.workload!r} (it has {sorted(module.WORKLOADS)})"})
         return 1
     try:
-        records = module.WORKLOADS[args.workload](args.quick)
+        records = module.WORKLOADS[args.workload](spec)
     except Exception as e:  # noqa: BLE001 - reported to the runner, which goes on
         traceback.print_exc()
         _write(args.out, {"status": "failed", "error": f"{type(e).__name__}: {e}",
