@@ -16,7 +16,7 @@ import pytest
 
 from jaxpost import sharding as sh
 from jaxpost.distributed import DistributedConfig, initialize
-from tests.cli_testing import ROOT
+from tests.cli_testing import ROOT, xla_flags
 
 WORKER = os.path.join(ROOT, "tests", "multihost_worker.py")
 
@@ -28,8 +28,7 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS=xla_flags(devices))
     return env
 
 
