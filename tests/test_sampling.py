@@ -199,6 +199,35 @@ def test_the_per_layer_copy_holds_every_kernel_transposed(params):
     assert sampling._Runner(CFG, params, False).params is params
 
 
+def _eqns(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs nested in its equations' params."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    yield from _eqns(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from _eqns(sub)
+
+
+def test_the_stacked_layout_decodes_from_weights_cast_once_to_the_compute_dtype(params):
+    # Accelerators run the stacked layout. With float32 master weights and bfloat16
+    # compute the params are cast once per call, so no float32 weight enters the decode
+    # loop: the scanned layers would otherwise slice and convert the float32 stack at
+    # every step, reading 4 bytes a weight where 2 do (decode is bound by that reading).
+    cfg = CFG.replace(dtype="bfloat16")
+    jaxpr = jax.make_jaxpr(lambda p: generate(cfg, p, _prompts(), LENGTHS, jax.random.key(0),
+                                              GREEDY, unstack_layers=False))(params)
+    weights = {x.shape for x in jax.tree.leaves(params) if x.ndim >= 2}
+    loops = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "while"]
+    entering = [v.aval.dtype for e in loops for v in e.invars
+                if getattr(v.aval, "shape", None) in weights
+                and jnp.issubdtype(v.aval.dtype, jnp.floating)]
+    assert loops and len(entering) >= len(jax.tree.leaves(params["layers"])), entering
+    assert set(entering) == {jnp.dtype(jnp.bfloat16)}, entering
+
+
 def _sampler_temp_bytes(cfg, unstack: bool) -> int:
     """The compiled sampler's temporaries (bytes), batch 4, 8-token prompts, 8 new tokens."""
     static = sampling._static_args(cfg, SamplingConfig(max_new_tokens=8, temperature=1.0))

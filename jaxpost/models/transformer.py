@@ -306,16 +306,27 @@ def unstack_layer_params(params, dtype: str | jnp.dtype | None = None):
     (num_layers,) = sizes
 
     def layer(i):
-        def take(x):
-            x = x[i]
-            if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
-                x = x.astype(dtype)
-            return x
-        return jax.tree.map(take, stacked)
+        sliced = jax.tree.map(lambda x: x[i], stacked)
+        return sliced if dtype is None else cast_floating(sliced, dtype)
 
     out = {k: v for k, v in params.items() if k != "layers"}
     out.update({layer_name(i): layer(i) for i in range(num_layers)})
     return out
+
+
+def cast_floating(tree, dtype: str | jnp.dtype):
+    """`tree` with its floating-point leaves cast to `dtype` (integer leaves kept). For a
+    params tree and the model's compute dtype `cfg.dtype` this changes no output: every
+    module casts its params to `cfg.dtype` before use, so the cast is only moved earlier
+    (once per call rather than at every use, e.g. every decode step)."""
+    dtype = jnp.dtype(dtype)
+
+    def needs_cast(x) -> bool:
+        return jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype
+
+    if not any(needs_cast(x) for x in jax.tree.leaves(tree)):
+        return tree  # already in the compute dtype: no new tree, no copy
+    return jax.tree.map(lambda x: x.astype(dtype) if needs_cast(x) else x, tree)
 
 
 @functools.lru_cache(maxsize=32)

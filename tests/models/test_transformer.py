@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxpost.models import KVCache, ModelConfig, Transformer, init_params, tiny
-from jaxpost.models.transformer import layer_name, unstack_layer_params
+from jaxpost.models.transformer import cast_floating, layer_name, unstack_layer_params
 
 FAMILIES = ("llama", "qwen2", "qwen3")
 
@@ -280,6 +280,25 @@ def test_per_layer_params_cast_to_the_compute_dtype_give_the_same_logits():
     chex.assert_trees_all_equal(out, model(unstack_layer_params(params), tokens))
     # The stacked model fuses differently: equal up to bfloat16 rounding.
     np.testing.assert_allclose(out, _apply(cfg)(params, tokens), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("family,tied", [("qwen2", True), ("qwen3", False)])
+def test_stacked_params_cast_to_the_compute_dtype_give_the_same_logits(family, tied):
+    # The sampler's path on accelerators: the float32 master weights cast once per call
+    # (`cast_floating`) run the model bit for bit as they do uncast, since every module
+    # casts its params to cfg.dtype before use (embeddings tied or not, q/k/v biases,
+    # norms, qk-norms).
+    cfg = tiny(family, tie_embeddings=tied, dtype="bfloat16")
+    params = init_params(cfg, jax.random.key(0))
+    params["layers"]["step"] = jnp.arange(cfg.num_layers, dtype=jnp.int32)  # not floating
+    cast = cast_floating(params, cfg.dtype)
+    assert cast["layers"]["step"].dtype == jnp.int32
+    del params["layers"]["step"], cast["layers"]["step"]
+    assert {x.dtype for x in jax.tree.leaves(cast)} == {jnp.dtype(jnp.bfloat16)}
+    tokens = _tokens(2, 8)
+    model = _apply(cfg)
+    chex.assert_trees_all_equal(model(cast, tokens), model(params, tokens))
+    assert cast_floating(cast, cfg.dtype) is cast  # nothing left to cast: the same tree
 
 
 def test_cache_in_the_wrong_layout_or_a_bad_layout_name_is_an_error():
