@@ -35,6 +35,11 @@ def pytest_configure(config):
     and on a 2-core CPU compiling is most of the suite's time (GRPO and reliability
     tests: 315 -> 183 s). It lives in pytest's base temp folder, which pytest rotates;
     a JAX_COMPILATION_CACHE_DIR set by the caller wins."""
+    # xdist's loadfile sends files in the order of pytest_collection_modifyitems below
+    # only without its own reordering by test count (which put the 2-test demo file,
+    # the longest unit, among the last files, to run alone at the end).
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
     basetemp = config._tmp_path_factory.getbasetemp()
