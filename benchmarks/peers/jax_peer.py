@@ -55,7 +55,7 @@ class Llama:
     def head(self, params, x):
         """Logits in float32 (the loss and sampling read them in float32)."""
         w = params["embed"].T if self.tied else params["head"]
-        return (x @ w).astype(jnp.float32)
+        return jnp.matmul(x, w, preferred_element_type=jnp.float32)
 
     def rms(self, x, w):
         x32 = x.astype(jnp.float32)
@@ -75,7 +75,8 @@ class Llama:
         B, T = q.shape[:2]
         H, KV, HD = self.H, self.KV, self.HD
         q = q.reshape(B, T, KV, H // KV, HD)
-        s = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / jnp.sqrt(HD)
+        s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32
+                       ) / jnp.sqrt(HD)
         s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
         p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
         return jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(B, T, H * HD)
