@@ -63,13 +63,18 @@ def pytest_collection_modifyitems(config, items):
     """The longest files first, then the other files with slow tests, the quick files
     last: with `--dist loadfile` each file goes to one worker whole, and a long file
     collected late (the SFT demo's ~6 min) left one worker running alone at the end while
-    the other idled; quick files now fill the gaps as the workers finish. Within a file
-    the order is kept."""
+    the other idled; quick files now fill the gaps as the workers finish. Within each of
+    the last two groups, files with more tests go first (xdist's own heuristic, which
+    conftest turns off above so that this order is the one that runs); within a file the
+    order is kept."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    counts: dict = {}
+    for item in items:
+        counts[item.path] = counts.get(item.path, 0) + 1
 
     def rank(item):
         name = os.path.relpath(item.path, config.rootpath).replace(os.sep, "/")
         if name in LONGEST_FILES:
-            return LONGEST_FILES.index(name)
-        return len(LONGEST_FILES) + (item.path not in slow_files)
+            return LONGEST_FILES.index(name), 0, name
+        return len(LONGEST_FILES) + (item.path not in slow_files), -counts[item.path], name
     items.sort(key=rank)
