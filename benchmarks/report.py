@@ -46,6 +46,15 @@ def mfu(flops_per_step: float, seconds_per_step: float, peak_gflops: float) -> f
     return flops_per_step / seconds_per_step / (peak_gflops * 1e9)
 
 
+def _sampling_rate(s: dict, prefix: str, nbytes: float, seconds: float,
+                   peak: dict | None) -> None:
+    """Sets s[prefix + "gbps"] and, where the run measured its bandwidth,
+    s[prefix + "bandwidth_fraction"]."""
+    s[prefix + "gbps"] = nbytes / seconds / 1e9
+    if peak and peak.get("gbps"):
+        s[prefix + "bandwidth_fraction"] = s[prefix + "gbps"] / peak["gbps"]
+
+
 def summarize(jobs: list[dict], peak: dict | None = None) -> dict[str, dict[str, dict]]:
     """{workload: {peer: summary}} pooled over rounds: median / min / max over all timed
     iterations of all rounds, tokens/s at the median, per-round medians, the GRPO split
@@ -90,20 +99,16 @@ def summarize(jobs: list[dict], peak: dict | None = None) -> dict[str, dict[str,
                                              recs[0].get("dtype", "float32"))
                 if spec_tflops:
                     s["mfu_spec"] = mfu(flops, med, spec_tflops * 1e3)
-            # Sampling against memory bandwidth: the bytes a call must read (weights once
-            # a step, the KV cache so far) per second of the median call / rollout.
-            if recs[0].get("decode_bytes"):
-                s["gbps"] = recs[0]["decode_bytes"] / med / 1e9
-            if peak and peak.get("gbps") and s.get("gbps"):
-                s["bandwidth_fraction"] = s["gbps"] / peak["gbps"]
             for k in SPLIT:
                 vals = [r[f"{k}_median"] for r in recs if r.get(f"{k}_median") is not None]
                 if vals:
                     s[f"{k}_s"] = statistics.median(vals)
+            # Sampling against memory bandwidth: the bytes a call must read (weights once
+            # a step, the KV cache so far) per second of the median call / rollout.
+            if recs[0].get("decode_bytes"):
+                _sampling_rate(s, "", recs[0]["decode_bytes"], med, peak)
             if recs[0].get("rollout_bytes") and s.get("rollout_s"):
-                s["rollout_gbps"] = recs[0]["rollout_bytes"] / s["rollout_s"] / 1e9
-                if peak and peak.get("gbps"):
-                    s["rollout_bandwidth_fraction"] = s["rollout_gbps"] / peak["gbps"]
+                _sampling_rate(s, "rollout_", recs[0]["rollout_bytes"], s["rollout_s"], peak)
             summary.setdefault(workload, {})[peer] = s
     for workload, peers in summary.items():
         ref = peers.get(REFERENCE_PEER)
@@ -135,11 +140,12 @@ def _row_order(row: str, peers: list[str]) -> tuple[int, str]:
     return (peers.index(peer) if peer in peers else 99, "" if row == peer else row)
 
 
-def _gbps(s: dict, rate: str, frac: str) -> str:
+def _gbps(s: dict, prefix: str) -> str:
     """A sampling rate in GB/s with its fraction of the run's bandwidth in brackets."""
-    if s.get(rate) is None:
+    rate, frac = s.get(prefix + "gbps"), s.get(prefix + "bandwidth_fraction")
+    if rate is None:
         return "—"
-    return _f(s[rate], ".1f") + (f" ({s[frac]:.2f})" if s.get(frac) is not None else "")
+    return _f(rate, ".1f") + (f" ({frac:.2f})" if frac is not None else "")
 
 
 def render(result: dict) -> str:
@@ -155,15 +161,16 @@ def render(result: dict) -> str:
              f"jaxpost commit {result['git']}; rounds {opts['rounds']}"
              + ("; **--quick: a smoke test, not a measurement**" if opts['quick'] else ""), ""]
     order = list(opts["peers"])
+    any_spec_mfu = any(p.get("mfu_spec") is not None
+                       for p in summary.get("W-SFT", {}).values())
     for workload in WORKLOADS:
         peers = summary.get(workload)
         if not peers:
             continue
         grpo, sft = workload == "W-GRPO", workload == "W-SFT"
-        spec_mfu = sft and any(p.get("mfu_spec") is not None for p in peers.values())
-        rate = ("rollout_gbps" if grpo else "gbps") if any(
-            p.get("rollout_gbps" if grpo else "gbps") is not None
-            for p in peers.values()) else None
+        spec_mfu = sft and any_spec_mfu
+        prefix = "rollout_" if grpo else ""
+        rate = any(p.get(prefix + "gbps") is not None for p in peers.values())
         tokens = next(iter(peers.values())).get("tokens_per_iter")
         if grpo:
             lines += [f"## {workload} (s/step, lower is better; {tokens} completion tokens "
@@ -195,14 +202,14 @@ def render(result: dict) -> str:
                 row += [_f(s.get(f"{k}_s")) for k in ("rollout", "reward", "reference",
                                                         "update")]
                 if rate:
-                    row.append(_gbps(s, "rollout_gbps", "rollout_bandwidth_fraction"))
+                    row.append(_gbps(s, prefix))
             else:
                 if sft:
                     row.append(_f(s.get("mfu"), ".2f"))
                 if spec_mfu:
                     row.append(_f(s.get("mfu_spec"), ".2f"))
                 if rate:
-                    row.append(_gbps(s, "gbps", "bandwidth_fraction"))
+                    row.append(_gbps(s, prefix))
             row += [_f(s.get("peak_rss_mib"), ".0f"), str(s["n"]),
                     " / ".join(_f(x) for x in s["round_medians_s"])]
             lines.append("| " + " | ".join(row) + " |")
@@ -214,8 +221,8 @@ def render(result: dict) -> str:
                   f"**{peak['gflops']:.0f} GFLOP/s** "
                   f"({peak['framework']}, n={peak['n']}; best per framework: {fw}); "
                   "MFU = W-SFT's model FLOPs per second ÷ this"
-                  + ("; MFU (spec) ÷ the device's spec-sheet dense peak" if any(
-                      p.get("mfu_spec") for p in summary.get("W-SFT", {}).values()) else "")
+                  + ("; MFU (spec) ÷ the device's spec-sheet dense peak" if any_spec_mfu
+                     else "")
                   + "."
                   + (f" Memory bandwidth of this run (y = 2x, read + write): "
                      f"**{peak['gbps']:.1f} GB/s** ({peak['gbps_framework']}); sampling "

@@ -1,12 +1,13 @@
 """Test set-up: 8 fake CPU devices so mesh tests run anywhere; float32 matmuls exact."""
 
+import collections
 import os
 
 # Must happen before jax is imported anywhere: tests see 8 CPU devices; single-device
 # tests use jax.devices()[:1] explicitly or run on the default device.
 #
 # And XLA:CPU compiles without LLVM's optimisations (backend level 0; a caller's own level
-# wins): the suite compiles thousands of small programs whose run time is negligible, so
+# wins): the suite compiles many small programs whose run time is negligible, so
 # compiling is most of its time. At level 0 the not-slow tests take ~40% less CPU (2 GHz
 # 2-core AMD EPYC, 2026-12-07: `-m "not slow"` 7:05 -> 4:28 wall, 13:13 -> 8:11 CPU;
 # tests/models/test_transformer.py alone 137 -> 81 s CPU). XLA's HLO passes do not depend
@@ -68,9 +69,7 @@ def pytest_collection_modifyitems(config, items):
     conftest turns off above so that this order is the one that runs); within a file the
     order is kept."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    counts: dict = {}
-    for item in items:
-        counts[item.path] = counts.get(item.path, 0) + 1
+    counts = collections.Counter(item.path for item in items)
 
     def rank(item):
         name = os.path.relpath(item.path, config.rootpath).replace(os.sep, "/")

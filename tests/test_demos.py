@@ -6,7 +6,6 @@ in) and with XLA's default optimisation level: the rest of the suite compiles wi
 LLVM's optimisations (tests/conftest.py), which moves results by rounding, and where a
 demo's accuracy jump lands depends on such rounding (configs/sft_demo.py)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ import sys
 
 import pytest
 
+from jaxpost.train.common import load_recipe
 from tests.cli_testing import ROOT
 
 #: Held-out exact match the SFT demo must reach (chance is about 1/150 for 2-digit sums).
@@ -55,11 +55,7 @@ def test_sft_demo_reaches_its_heldout_accuracy_bar(sft_demo):
 def test_grpo_demo_improves_heldout_accuracy_over_its_sft_start(sft_demo, tmp_path):
     sft_workdir, _ = sft_demo
     # The recipe's own start: the SFT demo's step-400 checkpoint (model.init_step).
-    spec = importlib.util.spec_from_file_location("grpo_demo", os.path.join(
-        ROOT, "configs", "grpo_demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.get_config().model.init_step == 400
+    assert load_recipe(os.path.join(ROOT, "configs", "grpo_demo.py")).model.init_step == 400
     accuracy = evals(run_demo("grpo_demo", tmp_path, f"--config.model.init_from={sft_workdir}"))
     start = accuracy.pop(0)  # eval_at_start: the SFT params, same prompts and rng
     assert accuracy and accuracy[max(accuracy)] > start, (start, accuracy)
