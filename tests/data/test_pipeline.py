@@ -265,12 +265,28 @@ def test_every_example_dropped_stops_with_an_error_naming_why_instead_of_spinnin
 
 
 def test_a_few_keepable_examples_among_many_dropped_still_make_batches():
-    # 1 in 10 fits: runs of drops reach 18 across epoch boundaries, but never 19.
-    recs = [{"prompt": "p", "completion": "c" * 40}] * 9 + [{"prompt": "p", "completion": "ok"}]
-    it = _it(InMemorySource(recs), truncation="drop", pack=False, batch_size=1)
+    # 1 in 10 fits. With seed 1 the keeper (record 5) opens epoch 0 and closes epoch 1: a
+    # run of 18 drops across the epoch boundary, the longest possible without a fully
+    # dropped pass, one short of the default limit (2 passes of 10, less one). (Seeded so
+    # that the run comes early: grain's index shuffle costs ~4 ms a read on 10 records.)
+    recs = [{"prompt": "p", "completion": "c" * 40}] * 10
+    recs[5] = {"prompt": "p", "completion": "ok"}
+    order = record_dataset(list(range(10)), seed=1, shard_index=0, shard_count=1)
+    assert [i for i in range(21) if order[i] == 5] == [0, 19]  # the run of 18 comes first
+    it = _it(InMemorySource(recs), truncation="drop", pack=False, batch_size=1, seed=1)
     with _alarm(60):
-        batches = _take(it, 200)
-    assert len(batches) == 200 and it.stats.kept == 200
+        batches = _take(it, 3)
+    assert len(batches) == 3 and it.stats.kept == 3
+    third = next(i for i in range(20, 30) if order[i] == 5)  # the keeper in epoch 2
+    assert it.stats.dropped_too_long == 18 + (third - 20)
+    # The same stream with a limit of 18 stops at that run: the run is counted as 18.
+    from jaxpost.data import TooManyDroppedError
+
+    it = _it(InMemorySource(recs), truncation="drop", pack=False, batch_size=1, seed=1,
+             max_consecutive_dropped=18)
+    next(it)
+    with _alarm(60), pytest.raises(TooManyDroppedError, match="18 examples in a row"):
+        next(it)
 
 
 def test_block_sharding_deals_each_global_batch_in_process_order():
