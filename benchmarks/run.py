@@ -2,7 +2,7 @@
 
     python -m benchmarks.run [--peers jaxpost,jax,tunix,torch,trl] [--workloads sft,gen,grpo,...]
                              [--rounds 2] [--quick] [--out DIR] [--tunix-python PATH]
-                             [--xla-flags "..."] [--model tiny-llama] [--dtype float32]
+                             [--xla-flags "--xla_..."] [--model tiny-llama] [--dtype float32]
 
 Every (peer, workload) runs in its own subprocess (`benchmarks.peers.worker`), one at a
 time, so that its peak RSS is that workload's alone; round r runs every peer once, the
@@ -66,7 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--python", default=sys.executable,
                    help="the interpreter of every other peer (default: this one)")
     p.add_argument("--xla-flags", default=None,
-                   help="XLA_FLAGS for the JAX workers (jaxpost, plain JAX, Tunix, matmul)")
+                   help="XLA_FLAGS for the JAX workers (jaxpost, plain JAX, Tunix, matmul), "
+                   'e.g. --xla-flags "--xla_cpu_use_fusion_emitters=false"')
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds before a worker is killed and reported as failed")
     p.add_argument("--no-peak", action="store_true", help="skip the matmul peak (no MFU)")
@@ -75,6 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "run: the workloads scaled up; jaxpost, plain JAX and torch only)")
     p.add_argument("--dtype", default="float32", choices=list(W.DTYPES),
                    help="compute dtype (bfloat16: float32 master weights, bfloat16 matmuls)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--xla-flags" in argv[:-1]:  # argparse takes "--xla_..." for an option, not a value
+        i = argv.index("--xla-flags")
+        argv[i:i + 2] = [f"--xla-flags={argv[i + 1]}"]
     args = p.parse_args(argv)
     default_peers = args.peers == p.get_default("peers")
     args.peers = [x for x in args.peers.split(",") if x]

@@ -132,6 +132,13 @@ def test_schedule_rotates_peers_per_round_and_starts_with_the_peak():
                     (2, "trl", "sft"), (2, "jaxpost", "sft"), (2, "jaxpost", "gen")]
 
 
+def test_xla_flags_take_a_value_that_starts_with_dashes():
+    flags = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0"
+    assert run.parse_args(["--xla-flags", flags, "--quick"]).xla_flags == flags
+    assert run.parse_args([f"--xla-flags={flags}"]).xla_flags == flags
+    assert run.parse_args([]).xla_flags is None
+
+
 def test_bad_options_name_the_flag():
     with pytest.raises(SystemExit):
         run.parse_args(["--peers", "jaxpost,nope"])

@@ -51,11 +51,9 @@ def test_mention_reward_counts_asked_words_once_case_and_punctuation_free():
 @pytest.mark.parametrize("name", ["sft_mention", "grpo_gaze_demo", "gaze_predictor"])
 def test_gaze_recipes_load(name):
     from jaxpost.train.__main__ import load_config
+    from jaxpost.train.common import load_recipe
 
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg, _ = load_config(module.get_config())
+    cfg, _ = load_config(load_recipe(os.path.join(ROOT, "configs", f"{name}.py")))
     for key in ("workdir", "seed", "steps", "log_every", "checkpoint_every"):
         assert hasattr(cfg, key)
 

@@ -10,13 +10,9 @@ from jaxpost.tokenizer import ByteTokenizer
 
 
 def _config(workdir, **over):
-    import importlib.util
-
     from jaxpost.train.__main__ import load_config
-    spec = importlib.util.spec_from_file_location("gp", "configs/gaze_predictor.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config()
+    from jaxpost.train.common import load_recipe
+    cfg = load_recipe("configs/gaze_predictor.py")
     cfg.workdir = str(workdir)
     cfg.steps = 150
     cfg.eval_every = 150

@@ -2,7 +2,6 @@
 export with its projector sidecar, GazeConcat end to end, and GRPO with a GazeReward
 model as its reward (model-level properties: tests/rl/test_gaze_reward.py)."""
 
-import importlib.util
 import json
 import os
 
@@ -14,6 +13,7 @@ from jaxpost.config import ConfigError, to_dataclass
 from jaxpost.rl import reward_model as rm
 from jaxpost.rl.gaze_reward import init_gaze
 from jaxpost.train.__main__ import load_config
+from jaxpost.train.common import load_recipe
 from jaxpost.train.reward_model import GazeSection, RewardModelConfig, train
 from tests.train.test_reward_model import _easy_pairs, read_metrics, small_config
 
@@ -35,11 +35,7 @@ def gaze_config(workdir, data_path, mode="add", **over):
 
 
 def test_gaze_rm_demo_config_loads_and_bad_gaze_keys_are_named():
-    spec = importlib.util.spec_from_file_location("gaze_rm_demo",
-                                                  os.path.join(ROOT, "configs/gaze_rm_demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg, fn = load_config(module.get_config())
+    cfg, fn = load_config(load_recipe(os.path.join(ROOT, "configs/gaze_rm_demo.py")))
     assert isinstance(cfg, RewardModelConfig) and fn is train
     assert cfg.gaze.mode == "add" and cfg.gaze.predictor == "psycholinguistic"
     assert cfg.gaze.spec() == rm.GazeSpec(mode="add", num_features=1, output_scale=0.02)

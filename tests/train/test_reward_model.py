@@ -1,7 +1,6 @@
 """jaxpost/train/reward_model.py: the recipe, held-out eval, training runs (preference
 records and batches: tests/data/test_preference.py)."""
 
-import importlib.util
 import json
 import os
 
@@ -14,6 +13,7 @@ from jaxpost.data.synthetic import addition_preference_records, parse_question, 
 from jaxpost.rl import reward_model as rm
 from jaxpost.tokenizer import ByteTokenizer
 from jaxpost.train.__main__ import load_config
+from jaxpost.train.common import load_recipe
 from jaxpost.train.reward_model import RewardModelConfig, train
 
 TOK = ByteTokenizer()
@@ -42,11 +42,7 @@ def small_config(workdir, **data):
 
 
 def demo_config():
-    spec = importlib.util.spec_from_file_location("rm_demo",
-                                                  os.path.join(ROOT, "configs/rm_demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_recipe(os.path.join(ROOT, "configs/rm_demo.py"))
 
 
 def read_metrics(workdir):
