@@ -79,7 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--xla-flags" in argv[:-1]:  # argparse takes "--xla_..." for an option, not a value
         i = argv.index("--xla-flags")
-        argv[i:i + 2] = [f"--xla-flags={argv[i + 1]}"]
+        if argv[i + 1].startswith("--xla_"):  # not another option (a forgotten value)
+            argv[i:i + 2] = [f"--xla-flags={argv[i + 1]}"]
     args = p.parse_args(argv)
     default_peers = args.peers == p.get_default("peers")
     args.peers = [x for x in args.peers.split(",") if x]

@@ -137,6 +137,8 @@ def test_xla_flags_take_a_value_that_starts_with_dashes():
     assert run.parse_args(["--xla-flags", flags, "--quick"]).xla_flags == flags
     assert run.parse_args([f"--xla-flags={flags}"]).xla_flags == flags
     assert run.parse_args([]).xla_flags is None
+    with pytest.raises(SystemExit):  # a forgotten value does not swallow the next option
+        run.parse_args(["--xla-flags", "--quick"])
 
 
 def test_bad_options_name_the_flag():
