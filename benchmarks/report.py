@@ -19,12 +19,19 @@ SPLIT = ("rollout", "reward", "old_logprobs", "reference", "update")
 REFERENCE_PEER = "jaxpost"
 
 
+#: The spread of the per-round matmul peaks (largest over smallest, minus 1) above which
+#: the table says that the machine's speed moved during the run.
+PEAK_DRIFT = 0.05
+
+
 def matmul_peak(jobs: list[dict]) -> dict | None:
     """The largest median GFLOP/s over every matmul record of the run (all frameworks,
-    sizes and rounds), with where it came from and the best per framework; and the largest
-    median memory bandwidth (GB/s) of the copy records, where the run has them."""
-    recs = [r for j in jobs if j["status"] == "ok" and j["workload"] == "peak"
-            for r in j["records"]]
+    sizes and rounds), with where it came from, the best per framework and the best per
+    round (`[round, GFLOP/s]` in round order: how the machine's speed moved between
+    rounds); and the largest median memory bandwidth (GB/s) of the copy records, where
+    the run has them."""
+    peak_jobs = [j for j in jobs if j["status"] == "ok" and j["workload"] == "peak"]
+    recs = [r for j in peak_jobs for r in j["records"]]
     mm = [r for r in recs if "gflops_median" in r]
     if not mm:
         return None
@@ -33,12 +40,34 @@ def matmul_peak(jobs: list[dict]) -> dict | None:
     for r in mm:
         per_fw[r["framework"]] = max(per_fw.get(r["framework"], 0.0), r["gflops_median"])
     out = {"gflops": best["gflops_median"], "framework": best["framework"], "n": best["n"],
-           "dtype": best.get("dtype", "float32"), "per_framework_gflops": per_fw}
+           "dtype": best.get("dtype", "float32"), "per_framework_gflops": per_fw,
+           "per_round_gflops": _best_per_round(peak_jobs, "gflops_median")}
     copies = [r for r in recs if "gbps_median" in r]
     if copies:
         bw = max(copies, key=lambda r: r["gbps_median"])
-        out.update(gbps=bw["gbps_median"], gbps_framework=bw["framework"])
+        out.update(gbps=bw["gbps_median"], gbps_framework=bw["framework"],
+                   per_round_gbps=_best_per_round(peak_jobs, "gbps_median"))
     return out
+
+
+def _best_per_round(peak_jobs: list[dict], key: str) -> list[list]:
+    """`[round, the largest value of key in that round's records]`, in round order."""
+    best: dict[int, float] = {}
+    for j in peak_jobs:
+        for r in j["records"]:
+            if key in r:
+                best[j["round"]] = max(best.get(j["round"], 0.0), r[key])
+    return [[k, best[k]] for k in sorted(best)]
+
+
+def _rounds_and_drift(pairs: list[list], fmt: str) -> tuple[str, float]:
+    """'; per round: a / b' (empty for one round) and how far the largest value is above
+    the smallest (0 for one round)."""
+    values = [v for _, v in pairs]
+    if len(values) < 2:
+        return "", 0.0
+    text = "; per round: " + " / ".join(format(v, fmt) for v in values)
+    return text, (max(values) / min(values) - 1 if min(values) > 0 else 0.0)
 
 
 def mfu(flops_per_step: float, seconds_per_step: float, peak_gflops: float) -> float:
@@ -216,19 +245,27 @@ def render(result: dict) -> str:
         lines.append("")
     if peak:
         fw = ", ".join(f"{k} {v:.0f}" for k, v in sorted(peak["per_framework_gflops"].items()))
+        per_round, drift = _rounds_and_drift(peak.get("per_round_gflops", []), ".0f")
+        bw_rounds, bw_drift = _rounds_and_drift(peak.get("per_round_gbps", []), ".1f")
+        moved = [f"matmul {drift:.0%}"] if drift > PEAK_DRIFT else []
+        moved += [f"memory bandwidth {bw_drift:.0%}"] if bw_drift > PEAK_DRIFT else []
         lines += [f"{'Float32' if peak['dtype'] == 'float32' else peak['dtype']} matmul peak "
                   "of this run: "
                   f"**{peak['gflops']:.0f} GFLOP/s** "
-                  f"({peak['framework']}, n={peak['n']}; best per framework: {fw}); "
+                  f"({peak['framework']}, n={peak['n']}; best per framework: {fw}{per_round}); "
                   "MFU = W-SFT's model FLOPs per second ÷ this"
                   + ("; MFU (spec) ÷ the device's spec-sheet dense peak" if any_spec_mfu
                      else "")
                   + "."
                   + (f" Memory bandwidth of this run (y = 2x, read + write): "
-                     f"**{peak['gbps']:.1f} GB/s** ({peak['gbps_framework']}); sampling "
-                     "GB/s = the bytes a call must read (every matmul weight once a step in "
-                     "the compute dtype, the KV cache so far) ÷ its time, its fraction of "
-                     "this in brackets." if peak.get("gbps") else ""), ""]
+                     f"**{peak['gbps']:.1f} GB/s** ({peak['gbps_framework']}{bw_rounds}); "
+                     "sampling GB/s = the bytes a call must read (every matmul weight once a "
+                     "step in the compute dtype, the KV cache so far) ÷ its time, its fraction "
+                     "of this in brackets." if peak.get("gbps") else "")
+                  + (f" **The machine's speed moved between rounds** ({', '.join(moved)}, "
+                     "largest over smallest probe): ratios pooled over the rounds can carry that "
+                     "much beside the code; the round medians show each round's own." if moved
+                     else ""), ""]
     lines += ["Medians and min–max over every timed iteration of every round (round "
               "medians: each round's own, in round order); tokens/s at "
               "the median; the W-GRPO split is the median over rounds of each round's "

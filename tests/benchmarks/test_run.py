@@ -55,6 +55,36 @@ def test_peak_is_the_largest_median_over_frameworks_and_sizes():
     assert peak["per_framework_gflops"] == {"torch": 100.0, "jax": 250.0, "numpy": 120.0}
 
 
+def _peak_job(rnd, gflops, gbps):
+    return _job("matmul", "peak", rnd, [
+        {"framework": "numpy", "n": 2048, "gflops_median": gflops},
+        {"framework": "jax", "n": 1024, "gflops_median": gflops - 10.0},
+        {"framework": "jax", "mib": 256, "gbps_median": gbps}])
+
+
+@pytest.mark.parametrize("round2, moved", [
+    ((250.0, 10.2), "(matmul 25%, largest over smallest probe)"),  # bandwidth: 2%, unsaid
+    ((200.0, 11.0), "(memory bandwidth 10%, largest over smallest probe)"),
+    ((209.0, 10.4), None),  # 4.5% and 4%: within PEAK_DRIFT (5%)
+])
+def test_the_peak_per_round_and_whether_the_machine_moved(round2, moved):
+    jobs = [_peak_job(1, 200.0, 10.0), _peak_job(2, *round2)] + _hand_jobs()[1:]
+    peak = report.matmul_peak(jobs)
+    assert peak["per_round_gflops"] == [[1, 200.0], [2, round2[0]]]
+    assert peak["per_round_gbps"] == [[1, 10.0], [2, round2[1]]]
+    result = _result(jobs)
+    line = next(x for x in report.render(result).splitlines() if "matmul peak" in x)
+    assert f"per round: 200 / {round2[0]:.0f})" in line
+    assert f"(jax; per round: 10.0 / {round2[1]:.1f})" in line
+    if moved:
+        assert "**The machine's speed moved between rounds** " + moved in line
+    else:
+        assert "moved" not in line
+    # One round: no per-round figures, nothing about moving.
+    one = report.render(_result(_hand_jobs()))
+    assert "per round" not in one and "moved" not in one
+
+
 def test_medians_ratios_mfu_and_rss_by_hand():
     jobs = _hand_jobs()
     s = report.summarize(jobs, report.matmul_peak(jobs))
