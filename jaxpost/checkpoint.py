@@ -168,7 +168,10 @@ def _ignore_abandoned_orbax_reads(step_dir: Any) -> None:
     """Silences the leftovers of a failed restore of `step_dir`: orbax abandons the step's
     other reads, and each reports the failure again when it is garbage-collected (an
     "Exception ignored in <coroutine ...>" traceback, or an asyncio "exception was never
-    retrieved" record), possibly at exit. Other errors still print."""
+    retrieved" record), possibly at exit; and tensorstore's threads, finishing those reads
+    after orbax closed its event loop, fail to wake it ("Exception ignored in: None ...
+    RuntimeError: Event loop is closed", raised outside any Python thread). Other errors
+    still print."""
     _ABANDONED.add(os.fspath(step_dir))
     warnings.filterwarnings("ignore", category=RuntimeWarning,
                             message="coroutine '_read_array_index_and_device_put' was never")
@@ -182,6 +185,11 @@ def _ignore_abandoned_orbax_reads(step_dir: Any) -> None:
     def hook(unraisable):
         code = getattr(unraisable.object, "cr_code", None)
         if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+            return
+        if (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == "Event loop is closed"
+                # raised on a thread that threading did not start (a "dummy" thread)
+                and isinstance(threading.current_thread(), threading._DummyThread)):
             return
         previous(unraisable)
 

@@ -331,6 +331,9 @@ def test_export_refuses_nonfinite_params_naming_the_tensor_and_writes_nothing(tm
     assert export(workdir, str(tmp_path / "hf"), step=2) == 2
 
 
+# The abandoned reads of the unreadable step leave nothing behind either: no "Exception
+# ignored ... Event loop is closed" from tensorstore's threads (`jaxpost.checkpoint`).
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_export_without_a_step_falls_back_over_an_unreadable_latest_one(tmp_path):
     cfg = tiny("llama")
     params = _base_params(cfg)
