@@ -19,8 +19,8 @@ SPLIT = ("rollout", "reward", "old_logprobs", "reference", "update")
 REFERENCE_PEER = "jaxpost"
 
 
-#: The spread of the per-round matmul peaks (largest over smallest, minus 1) above which
-#: the table says that the machine's speed moved during the run.
+#: The spread of a probe's per-round values (matmul peak or memory bandwidth: largest over
+#: smallest, minus 1) above which the table says that the machine's speed moved.
 PEAK_DRIFT = 0.05
 
 
