@@ -36,9 +36,7 @@ def matmul_peak(jobs: list[dict]) -> dict | None:
     if not mm:
         return None
     best = max(mm, key=lambda r: r["gflops_median"])
-    per_fw: dict[str, float] = {}
-    for r in mm:
-        per_fw[r["framework"]] = max(per_fw.get(r["framework"], 0.0), r["gflops_median"])
+    per_fw = _max_by((r["framework"], r["gflops_median"]) for r in mm)
     out = {"gflops": best["gflops_median"], "framework": best["framework"], "n": best["n"],
            "dtype": best.get("dtype", "float32"), "per_framework_gflops": per_fw,
            "per_round_gflops": _best_per_round(peak_jobs, "gflops_median")}
@@ -50,13 +48,17 @@ def matmul_peak(jobs: list[dict]) -> dict | None:
     return out
 
 
+def _max_by(pairs) -> dict:
+    """The largest value per group of `(group, value)` pairs."""
+    best: dict = {}
+    for group, value in pairs:
+        best[group] = max(best.get(group, value), value)
+    return best
+
+
 def _best_per_round(peak_jobs: list[dict], key: str) -> list[list]:
     """`[round, the largest value of key in that round's records]`, in round order."""
-    best: dict[int, float] = {}
-    for j in peak_jobs:
-        for r in j["records"]:
-            if key in r:
-                best[j["round"]] = max(best.get(j["round"], 0.0), r[key])
+    best = _max_by((j["round"], r[key]) for j in peak_jobs for r in j["records"] if key in r)
     return [[k, best[k]] for k in sorted(best)]
 
 
